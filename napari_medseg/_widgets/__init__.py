@@ -1,0 +1,1 @@
+"""The only place that imports Qt (through qtpy) and magicgui. Nothing here is imported by the engine."""

@@ -1,0 +1,148 @@
+"""The ``napari-medseg`` command line: one subcommand per job, each a thin wrapper over the engine.
+
+Bad input never produces a traceback: every expected error is printed as one line
+``napari-medseg: error: ...`` and the command exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+MODEL_HELP = "vunet, reseg_unet, pranet_v2, iau_net or gca_resunet"
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment an image (zarr, OME-Zarr, TIFF, PNG) tile by tile",
+                       description="Segment a 2D image of any size tile by tile into a zarr group holding "
+                       "class probabilities, instance labels and the model's uncertainty or background maps.")
+    p.add_argument("input", help="image: .zarr folder (plain or OME-Zarr), .tif/.tiff, .png")
+    p.add_argument("-m", "--model", default="vunet", help=f"model name ({MODEL_HELP}); default vunet")
+    p.add_argument("--weights", help="weights file (.safetensors with its .json card); default: the bundled starter")
+    p.add_argument("-o", "--output", help="output .zarr folder; default: next to the input")
+    p.add_argument("--tile", type=int, help="tile size in pixels (default: chosen per model)")
+    p.add_argument("--overlap", type=int, help="tile overlap / halo in pixels (default: chosen per model)")
+    p.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples for V-UNet uncertainty (0 = off)")
+    p.add_argument("--region", help="only this region, as y0:y1,x0:x1")
+    p.add_argument("--channel-axis", type=int, help="which axis holds channels (default: detected)")
+    p.add_argument("--workers", type=int, help="run on a local Dask cluster with N worker processes")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output made by napari-medseg")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a labelled data folder",
+                       description="Train one of the five models with its paper loss on a folder of images "
+                       "and labels (the layout of DSB2018, ISBI 2012 or MoNuSeg in ../shared/data).")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--preset", default="lite", choices=["lite", "paper"])
+    p.add_argument("--data", required=True, help="data folder")
+    p.add_argument("--out", required=True, help="output weights stem (writes .safetensors + .json)")
+    p.add_argument("--val-split", type=float, default=0.15, help="fraction held out for validation (default 0.15)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default from the recipe)")
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    p.add_argument("--batch", type=int, help="batch size (default from the recipe)")
+    p.add_argument("--crop", type=int, help="training crop size (default from the recipe)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", help="JSON recipe file overriding the defaults")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune weights on corrected labels",
+                       description="Fine-tune a model on a user's corrected instances, writing a new weights "
+                       "version; the parent weights are never modified.")
+    p.add_argument("--weights", required=True, help="parent weights")
+    p.add_argument("--image", required=True, help="image the corrections were made on")
+    p.add_argument("--labels", required=True, help="corrected instance labels (TIFF or zarr)")
+    p.add_argument("--model-labels", help="the model's own labels from the same run (to find the edits)")
+    p.add_argument("--support", help="mask of reviewed pixels (TIFF); default: around edited objects")
+    p.add_argument("--out", required=True, help="new weights stem")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    p.add_argument("--device", default="auto")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score weights or predictions against ground truth",
+                       description="Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5, per image and mean.")
+    p.add_argument("--weights", help="weights to run (default: the bundled starter of --model)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--labels", required=True, help="folder of ground-truth labels")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="auto")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export labels to TIFF, OME-TIFF, GeoJSON or CSV",
+                       description="Export instance labels from a zarr run (or a label image) tile by tile.")
+    p.add_argument("labels", help="labels: a napari-medseg output .zarr or a label image")
+    p.add_argument("-o", "--output", required=True, help="output file")
+    p.add_argument("--format", default="tiff", choices=["tiff", "ome-tiff", "geojson", "csv"])
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print tables (tiling, models, finetune)",
+                       description="Run a benchmark and print its table; results belong in the README.")
+    p.add_argument("which", choices=["tiling", "models", "finetune"])
+    p.add_argument("--sizes", default="4096,8192,16384", help="image sizes for the tiling benchmark")
+    p.add_argument("--model", default="reseg_unet")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="open napari with a sample and the Segment widget (or run headless)",
+                       description="Open napari with a bundled sample image and the MedSeg Segment widget "
+                       "docked. With --headless (automatic when there is no display) segment the sample "
+                       "and write the outputs instead.")
+    p.add_argument("--headless", action="store_true")
+    p.add_argument("-o", "--output", default="medseg-demo.zarr", help="headless output folder")
+    p.add_argument("--model", default="vunet")
+    p.add_argument("--sample", default="fluorescence_large")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="napari-medseg", description="Segment large microscopy and histology images with five "
+        "published networks; fine-tune on corrections; export labels.")
+    parser.add_argument("--version", action="version", version=f"napari-medseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_segment, _add_finetune, _add_train, _add_evaluate, _add_export, _add_bench, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    from . import cli_commands
+    from src_models import WeightsError
+
+    args = build_parser().parse_args(argv)
+    handler = getattr(cli_commands, f"run_{args.command}")
+    try:
+        handler(args)
+    except KeyboardInterrupt:
+        print("napari-medseg: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, WeightsError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+            PermissionError, NotImplementedError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"napari-medseg: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

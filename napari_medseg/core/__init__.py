@@ -1,0 +1,1 @@
+"""Qt-free engine: image I/O, tiled inference, instances, training, fine-tuning, metrics, export."""

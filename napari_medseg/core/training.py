@@ -1,0 +1,196 @@
+"""Training from scratch on a labelled folder: ``train(recipe, data_dir, out)`` is a job generator.
+
+The same data pipeline (normalisation, targets, augmentation) and each model's own paper loss are
+used by fine-tuning. Runs are reproducible from the recipe (fixed seed), resumable from the
+checkpoint written next to the output every ``checkpoint_every`` steps, and end by writing
+half-precision safetensors weights plus a card with the recipe, data licence, time, hardware and
+validation metrics.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src_models import create_model, save_weights
+
+from .augment import TrainItem, sample_batch
+from .checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from .datasets import Sample, load_folder, split
+from .devices import pick_device
+from .normalize import normalize_image
+from .progress import JobGenerator, Progress
+from .recipe import Recipe
+from .targets import CLASS_NAMES, instances_to_classes, semantic_to_classes
+
+DATA_LICENCES = {
+    "dsb2018": "CC0 1.0 (Kaggle DSB2018 / BBBC038, Caicedo et al. 2019)",
+    "isbi2012": "no data licence; cite Cardona 2010 and Arganda-Carreras 2015; do not redistribute",
+    "monuseg2018": "CC BY-NC-SA 4.0 (Kumar et al. 2017/2019); non-commercial",
+}
+
+
+def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
+    """Normalised images and class targets in memory, with sampling weights."""
+    items = []
+    for s in samples:
+        image = torch.from_numpy(normalize_image(s.image, recipe.in_channels)).half()
+        classes = (instances_to_classes(s.labels, recipe.boundary_width) if s.kind == "instances"
+                   else semantic_to_classes(s.labels))
+        area_factor = min(4.0, math.sqrt(s.labels.size / 256**2))
+        weight = recipe.modality_weights.get(s.modality, 1.0) * area_factor
+        items.append(TrainItem(image, torch.from_numpy(classes), None, weight, s.labels))
+    return items
+
+
+def lr_factor(progress: float, step: int, recipe: Recipe) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio``; ``progress`` in [0, 1]."""
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine
+
+
+def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
+    """One group per learning-rate scale (modules may set ``offset_lr_scale`` / ``lr_scale``)."""
+    scaled: dict[float, list] = {}
+    seen = set()
+    for module in model.modules():
+        scale = getattr(module, "offset_lr_scale", getattr(module, "lr_scale", None))
+        target = getattr(module, "offset_conv", None) if hasattr(module, "offset_lr_scale") else module
+        if scale is None or target is None:
+            continue
+        for p in target.parameters():
+            if id(p) not in seen:
+                scaled.setdefault(float(scale), []).append(p)
+                seen.add(id(p))
+    rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
+    groups = [{"params": rest, "lr": recipe.lr, "lr_scale": 1.0}]
+    groups += [{"params": ps, "lr": recipe.lr * s, "lr_scale": s} for s, ps in scaled.items()]
+    return groups
+
+
+def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step, total_steps,
+               started, elapsed_before, make_input=None, checkpoint=None) -> JobGenerator[int]:
+    """Optimise ``network`` for ``total_steps``; yields one Progress per step; returns steps done."""
+    network.train()
+    step = start_step
+    budget = recipe.time_budget_s
+    while step < total_steps:
+        elapsed = elapsed_before + time.perf_counter() - started
+        progress = max(step / total_steps, elapsed / budget if budget else 0.0)
+        if budget and elapsed >= budget:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * group.get("lr_scale", 1.0) * lr_factor(progress, step, recipe)
+        if hasattr(loss_fn, "kl_weight_scale"):
+            loss_fn.kl_weight_scale = min(1.0, progress / max(recipe.kl_warmup_fraction, 1e-6))
+        batch = sample_batch(items, recipe.batch, recipe.crop, rng)
+        inputs = make_input(batch) if make_input else batch["image"]
+        outputs = network(inputs.contiguous(memory_format=torch.channels_last))
+        terms = loss_fn(outputs, batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), recipe.grad_clip)
+        optimizer.step()
+        step += 1
+        metrics = {k: float(v) for k, v in terms.items()}
+        yield Progress(name, step, total_steps, f"{name} step {step}/{total_steps} loss {metrics['loss']:.4f}",
+                       metrics)
+        if checkpoint and step % recipe.checkpoint_every == 0:
+            checkpoint(step, elapsed_before + time.perf_counter() - started)
+    return step
+
+
+def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "auto",
+          resume: bool = False, data_name: str | None = None) -> JobGenerator[dict]:
+    """Train ``recipe.model`` on ``data_dir`` and write weights to ``out``.
+
+    Yields:
+        Progress per optimiser step (stage ``"pretrain"`` then ``"train"``), then ``"validate"``.
+    Returns:
+        The weights card that was written.
+    """
+    out = Path(out)
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    dev = pick_device(device)
+    samples = load_folder(data_dir)
+    train_samples, val_samples = split(samples, recipe.val_split)
+    items = make_items(train_samples, recipe)
+    model = create_model(recipe.model, recipe.preset, in_channels=recipe.in_channels,
+                         num_classes=recipe.num_classes).to(dev).to(memory_format=torch.channels_last)
+    stage = model.pretrain_stage()
+    optimizer = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    modules = {"model": model}
+    optimizers = {"model": optimizer}
+    stage_opt = None
+    if stage is not None:
+        stage.network.to(dev).to(memory_format=torch.channels_last)
+        stage_opt = torch.optim.AdamW(stage.network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        modules[stage.name] = stage.network
+        optimizers[stage.name] = stage_opt
+    state = {"pretrain_step": 0, "step": 0, "elapsed": 0.0, "pretrain_elapsed": 0.0}
+    if resume:
+        state = load_checkpoint(out, modules, optimizers)
+        rng = np.random.default_rng([recipe.seed, state["step"], state["pretrain_step"]])
+        torch.manual_seed(recipe.seed + state["step"] + state["pretrain_step"])
+    started = time.perf_counter()
+
+    def checkpoint(step, elapsed, key="step"):
+        state[key] = step
+        state["elapsed" if key == "step" else "pretrain_elapsed"] = elapsed
+        save_checkpoint(out, modules, optimizers, state)
+
+    if stage is not None:
+        done = yield from _run_steps(
+            "pretrain", stage.network, stage.loss, stage_opt, items, recipe, rng, state["pretrain_step"],
+            recipe.pretrain_steps, time.perf_counter(), state["pretrain_elapsed"], stage.make_input,
+            lambda s, e: checkpoint(s, e, "pretrain_step"))
+        state["pretrain_step"] = done
+        stage.network.eval()
+        loss_fn = model.make_loss(**{stage.loss_kwarg: stage.network})
+    else:
+        loss_fn = model.make_loss()
+    started = time.perf_counter()
+    steps_done = yield from _run_steps("train", model, loss_fn, optimizer, items, recipe, rng, state["step"],
+                                       recipe.steps, started, state["elapsed"], None, checkpoint)
+    train_time = state["elapsed"] + time.perf_counter() - started + state["pretrain_elapsed"]
+    checkpoint(steps_done, state["elapsed"] + time.perf_counter() - started)
+    from .validation import evaluate_samples
+
+    metrics = {}
+    if val_samples:
+        yield Progress("validate", 0, len(val_samples), f"validating on {len(val_samples)} images")
+        metrics = evaluate_samples(model.eval(), val_samples, recipe)
+    data_name = data_name or Path(data_dir).name
+    card = {
+        "classes": list(CLASS_NAMES[:recipe.num_classes]) if recipe.num_classes == 3
+        else ["membrane", "cell"],
+        "task": "instances" if recipe.num_classes == 3 else "semantic",
+        "normalization": {"method": "percentile", "low_percentile": 1.0, "high_percentile": 99.8,
+                          "joint_channels": True, "in_channels": recipe.in_channels},
+        "tile_size": recipe.crop,
+        "training": {
+            "data": data_name, "data_path": str(data_dir),
+            "licence": next((v for k, v in DATA_LICENCES.items() if k in data_name), "unknown"),
+            "train_images": len(train_samples), "val_images": len(val_samples),
+            "val_ids": [s.id for s in val_samples],
+            "recipe": recipe.to_dict(), "steps_done": steps_done,
+            "pretrain_steps_done": state["pretrain_step"],
+            "time_s": round(train_time, 1),
+            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
+            "torch": torch.__version__,
+        },
+        "metrics": {"validation": metrics},
+        "parent": None,
+        "version": f"{recipe.model}-{recipe.preset}-{data_name}",
+    }
+    card = save_weights(model.cpu(), out, card, half=True, overwrite=True)
+    for path in checkpoint_paths(out):
+        path.unlink(missing_ok=True)
+    return card
