@@ -71,11 +71,12 @@ def deform_conv2d_torch(x: torch.Tensor, offset: torch.Tensor, weight: torch.Ten
     grid = torch.stack(((2 * sample_x + 1) / w - 1, (2 * sample_y + 1) / h - 1), dim=-1)
     grid = grid.view(b, n_points * h, w, 2)
     sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    sampled = sampled.view(b, c_in, n_points, h, w)
-    out = torch.einsum("bcnhw,ocn->bohw", sampled, weight.reshape(c_out, c_in, n_points))
+    # (B, C_in, n·H, W) is already laid out as (B, C_in·n, H·W): one matmul, no permuting copy.
+    out = torch.bmm(weight.reshape(1, c_out, c_in * n_points).expand(b, -1, -1),
+                    sampled.view(b, c_in * n_points, h * w))
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
+        out = out + bias.view(1, -1, 1)
+    return out.view(b, c_out, h, w)
 
 
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,

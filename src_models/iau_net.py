@@ -49,7 +49,8 @@ DEPTH = 4  # down-samplings; size_multiple = 2 ** DEPTH
 class IAUNetConfig(ModelConfig):
     """IAU-Net configuration (fields beyond in/out channels are unspecified in the paper)."""
 
-    base_channels: int = 32  # widths base·(1, 2, 4, 8, 16); MODELS.md §4.3 default 32
+    # Encoder widths e1..e4 and the bridge (4 down-samplings); MODELS.md §4.3: base 32 doubling.
+    widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     gate: str = "paper"  # "paper" = literal Eq. 2 (1×1 convs to one channel) | "oktay" (additive, F_int = Cg/2)
     gate_target: str = "input"  # "input" = gate the up-sampled decoder map (Eq. 2) | "skip" (Oktay)
     upsample: str = "bilinear"  # "bilinear" (align_corners=False) | "transpose" (ConvTranspose2d k2 s2, same width)
@@ -80,13 +81,18 @@ class ResidualUnit(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         )
+        self.stride = stride
         self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.shortcut(x)
+        # Subsampling then a 1×1 conv is exactly a stride-2 1×1 conv, without computing discarded
+        # outputs; it also avoids a oneDNN crash (torch 2.13 CPU, channels_last, 1×1 stride-2
+        # backward with few channels).
+        skip = x[..., ::self.stride, ::self.stride] if self.stride > 1 else x
+        return self.body(x) + self.shortcut(skip)
 
 
 class AttentionGate(nn.Module):
@@ -161,8 +167,8 @@ class IAUNet(SegmentationModel):
     description = "Residual U-Net with attention gates and a deformable last layer (focal Tversky loss)"
     config_class = IAUNetConfig
     presets = {
-        "paper": {"in_channels": 3, "num_classes": 3, "base_channels": 32},
-        "lite": {"in_channels": 3, "num_classes": 3, "base_channels": 16},
+        "paper": {"in_channels": 3, "num_classes": 3, "widths": (32, 64, 128, 256, 512)},
+        "lite": {"in_channels": 3, "num_classes": 3, "widths": (12, 24, 48, 96, 192)},
     }
     aux_kinds = ("attention",)
     translation_equivariant = True
@@ -172,7 +178,9 @@ class IAUNet(SegmentationModel):
         super().__init__(config)
         if config.downsample not in ("stride", "maxpool"):
             raise ValueError(f"downsample must be 'stride' or 'maxpool', got {config.downsample!r}")
-        widths = [config.base_channels * 2 ** k for k in range(DEPTH + 1)]
+        widths = list(config.widths)
+        if len(widths) != DEPTH + 1:
+            raise ValueError(f"widths must list {DEPTH + 1} channel counts (e1..e4, bridge), got {widths}")
         self.stem = ResidualUnit(config.in_channels, widths[0], preactivate=False)
         self.down = nn.ModuleList(self._down_stage(c_in, c_out, config.downsample)
                                   for c_in, c_out in zip(widths[:-1], widths[1:]))

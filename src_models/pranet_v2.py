@@ -85,6 +85,12 @@ class PraNetV2Config(ModelConfig):
     supervision: str = "deep"
     binary_loss: str = "structure"
 
+    def __post_init__(self):
+        for field, choices in (("gain", GAINS), ("supervision", SUPERVISIONS),
+                               ("binary_loss", BINARY_LOSSES)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
+
 
 class BasicConv2d(nn.Sequential):
     """Conv (no bias) + BN, deliberately without activation (as in PraNet's code).
@@ -237,11 +243,6 @@ class PraNetV2(SegmentationModel):
 
     def __init__(self, config: PraNetV2Config):
         super().__init__(config)
-        for field, value, choices in (("gain", config.gain, GAINS),
-                                      ("supervision", config.supervision, SUPERVISIONS),
-                                      ("binary_loss", config.binary_loss, BINARY_LOSSES)):
-            if value not in choices:
-                raise ValueError(f"{field} must be one of {choices}, got {value!r}")
         k, r = config.num_classes, config.rfb_channels
         self.encoder = Res2NetEncoder(config.in_channels, config.stem_width, config.stage_planes,
                                       config.layers, config.base_width, config.scale)
@@ -399,9 +400,5 @@ class PraNetV2Loss(nn.Module):
         """Σ_sets wBCE + wIoU + 0.8·wBCE(bg, 1 − G) (binary, the authors' ``structure_loss``)."""
         g = (labels > 0).float()[:, None]
         v = torch.ones_like(g) if valid is None else valid.to(g.dtype)[:, None]
-        wbce = wiou = wbce_bg = 0.0
-        for fg, bg in sets:
-            a, b, c = structure_terms(fg, bg, g, v)
-            wbce, wiou, wbce_bg = wbce + a, wiou + b, wbce_bg + c
-        return {"wbce": wbce, "wiou": wiou,
-                "background_wbce": self.binary_background_weight * wbce_bg}
+        wbce, wiou, wbce_bg = (sum(t) for t in zip(*(structure_terms(f, b, g, v) for f, b in sets)))
+        return {"wbce": wbce, "wiou": wiou, "background_wbce": self.binary_background_weight * wbce_bg}

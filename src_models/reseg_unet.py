@@ -163,7 +163,8 @@ class ReSegUNet(SegmentationModel):
 
     name = "reseg_unet"
     paper = "Li et al., ReSeg-UNet: reconstruction-guided optimization, MICCAI 2025"
-    description = "U-Net trained in two stages: label→image reconstruction, then feature-aligned segmentation"
+    description = ("U-Net trained in two stages: label→image reconstruction, "
+                   "then feature-aligned segmentation")
     config_class = ReSegUNetConfig
     presets = {
         "paper": {"in_channels": 3, "num_classes": 3, "base_width": 64},

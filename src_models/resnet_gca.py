@@ -8,7 +8,7 @@ baseline matches exactly; avgpool and fc are removed and five features are retur
 GCA (default reading, MODELS.md §5.4), X (B, C, H, W), G groups of C_g = C/G channels, m = C_g/r::
 
     strips = [pool_W(X) ; pool_H(X)]           (B, C, H+W)   pool = mean + max ("fused" by addition)
-    A      = σ(Conv1×1(ReLU(BN(Conv1×1(strips)))))  per group, C_g → m → C_g, weights shared by groups
+    A      = σ(Conv1×1(ReLU(BN(Conv1×1(strips)))))   per group, C_g → m → C_g, shared weights
     Y      = X ⊙ A^h ⊙ A^w                     A split into (H) and (W) parts, broadcast
 
 Sharing the two 1×1 convs across groups is implemented by folding the groups into the batch axis;
@@ -61,7 +61,7 @@ class GroupedCoordinateAttention(nn.Module):
         return x.mean(dim) + x.amax(dim)
 
     def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two attention factors of ``x`` (B, C, H, W): A^h (B, C, H, 1) and A^w (B, C, 1, W)."""
+        """Attention factors of ``x`` (B, C, H, W): A^h (B, C, H, 1) and A^w (B, C, 1, W)."""
         b, c, h, w = x.shape
         strips = torch.cat([self._pool(x, 3), self._pool(x, 2)], dim=2)  # (B, C, H+W)
         if self.share_groups:

@@ -16,10 +16,12 @@ class Recipe:
 
     model: str = "vunet"
     preset: str = "lite"
-    num_classes: int = 3              # 3 = background/interior/boundary; 2 for semantic (ISBI) data
+    num_classes: int | None = None    # None: 3 (background/interior/boundary) for instance labels,
+    #                                   2 ({membrane, cell}) for semantic masks such as ISBI 2012
     in_channels: int = 3
     steps: int = 1500                 # optimiser steps (the schedule anneals over these or the time budget)
     pretrain_steps: int = 300         # auxiliary stage (ReSeg-UNet reconstruction), if the model has one
+    pretrain_time_fraction: float = 0.2  # share of time_budget_s the auxiliary stage may use
     batch: int = 8
     crop: int = 256
     lr: float = 2e-3                  # higher than the papers' 1e-4: short from-scratch CPU schedules

@@ -13,13 +13,13 @@ BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 CLASS_NAMES = ("background", "interior", "boundary")
 
 
-def instances_to_classes(instances: np.ndarray, boundary_width: int = 2) -> np.ndarray:
+def instances_to_classes(instances: np.ndarray, boundary_width: int = 1) -> np.ndarray:
     """Three-class target from an instance map.
 
     Args:
         instances: ``(H, W)`` integer instance labels, 0 = background.
         boundary_width: width in pixels of the boundary band, measured inwards from each
-            instance's edge (2 keeps small nuclei mostly interior while separating touching ones).
+            instance's edge.
 
     Returns:
         ``(H, W) uint8`` with 0 background, 1 interior, 2 boundary.

@@ -8,6 +8,7 @@ validation metrics.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import time
@@ -98,7 +99,7 @@ def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step
         torch.nn.utils.clip_grad_norm_(network.parameters(), recipe.grad_clip)
         optimizer.step()
         step += 1
-        metrics = {k: float(v) for k, v in terms.items()}
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
         yield Progress(name, step, total_steps, f"{name} step {step}/{total_steps} loss {metrics['loss']:.4f}",
                        metrics)
         if checkpoint and step % recipe.checkpoint_every == 0:
@@ -120,6 +121,8 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
     rng = np.random.default_rng(recipe.seed)
     dev = pick_device(device)
     samples = load_folder(data_dir)
+    if recipe.num_classes is None:
+        recipe = dataclasses.replace(recipe, num_classes=3 if samples[0].kind == "instances" else 2)
     train_samples, val_samples = split(samples, recipe.val_split)
     items = make_items(train_samples, recipe)
     model = create_model(recipe.model, recipe.preset, in_channels=recipe.in_channels,
@@ -147,8 +150,10 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
         save_checkpoint(out, modules, optimizers, state)
 
     if stage is not None:
+        budget = recipe.time_budget_s and recipe.time_budget_s * recipe.pretrain_time_fraction
         done = yield from _run_steps(
-            "pretrain", stage.network, stage.loss, stage_opt, items, recipe, rng, state["pretrain_step"],
+            "pretrain", stage.network, stage.loss, stage_opt, items,
+            dataclasses.replace(recipe, time_budget_s=budget), rng, state["pretrain_step"],
             recipe.pretrain_steps, time.perf_counter(), state["pretrain_elapsed"], stage.make_input,
             lambda s, e: checkpoint(s, e, "pretrain_step"))
         state["pretrain_step"] = done

@@ -1,0 +1,412 @@
+"""Instance labels from class probabilities, in memory or block by block on huge zarr arrays.
+
+Decoding (DESIGN.md §5). Three classes {0 background, 1 interior, 2 boundary}: a seeded
+watershed. Markers are the 8-connected components of confident interior (``p_interior >
+seed_threshold``, components smaller than ``min_seed_area`` dropped); the mask is the foreground
+``p_interior + p_boundary > foreground_threshold`` (i.e. ``1 - p_background``); the markers flood
+``-p_interior`` inside the mask. Foreground that no marker reaches becomes objects of its own
+(small nuclei whose boundary band leaves no interior), holes are filled and objects smaller than
+``min_area`` dropped. Two classes {background, foreground}: connected components, optionally split
+by a distance-transform watershed. EM membranes (ISBI 2012): components of the non-membrane area.
+
+Locality, which block-wise decoding relies on: inside one 8-connected component of the foreground
+(a "unit": a nucleus, or a cluster of touching nuclei) the result depends only on the
+probabilities of that unit. Every step works per unit, and the watershed's ties are broken in a
+crop-invariant way (see :func:`_flood`), so decoding any crop that holds a whole unit reproduces
+the whole-image result for that unit exactly. That is what lets :func:`instances_blockwise`
+decode huge arrays block by block with IDs that neighbouring blocks agree on (see
+:func:`decode_block`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Generator, Iterable
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+_EIGHT = np.ones((3, 3), bool)
+_FOUR = ndi.generate_binary_structure(2, 1)
+METHODS = ("auto", "membranes")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How probabilities become instances (one record, stored with each run's provenance)."""
+
+    method: str = "auto"  # "auto": K=3 → seeded watershed, K=2 → foreground components;
+    #                       "membranes": K=2 {membrane, cell}, instances = non-membrane components
+    foreground_threshold: float = 0.5  # foreground where 1 - p_background exceeds this
+    seed_threshold: float = 0.5  # interior probability above which a foreground pixel can seed
+    min_seed_area: int = 3  # seeds smaller than this (pixels) are noise, not nuclei
+    min_area: int = 8  # objects smaller than this (pixels, after hole filling) are dropped
+    fill_holes: bool = True  # fill background fully enclosed by a single object
+    split_touching: bool = False  # K=2 only: split touching blobs by a distance watershed
+    split_depth: float = 2.0  # K=2 split: a distance peak must rise this many pixels to seed
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"DecodeSettings.method must be one of {METHODS}, "
+                             f"got {self.method!r}.")
+        if not 0 < self.seed_threshold < 1:
+            raise ValueError(f"DecodeSettings.seed_threshold must be in (0, 1), got "
+                             f"{self.seed_threshold}.")
+        if not 0 < self.foreground_threshold < 1:
+            raise ValueError("DecodeSettings.foreground_threshold must be in (0, 1), got "
+                             f"{self.foreground_threshold}.")
+        if self.min_area < 0 or self.min_seed_area < 0 or self.split_depth <= 0:
+            raise ValueError("DecodeSettings: min_area and min_seed_area must be >= 0 and "
+                             "split_depth > 0.")
+
+
+def as_probabilities(probs) -> np.ndarray:
+    """``(K, H, W)`` probabilities of any dtype → ``float32`` in [0, 1], NaN read as 0.
+
+    Integer arrays are read as fixed point (``uint8`` 255 = 1.0, ``uint16`` 65535 = 1.0), the
+    compact dtypes a probability store may use.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 3 or probs.shape[0] not in (2, 3):
+        raise ValueError(f"probabilities must be (K, H, W) with K = 2 or 3 classes, got shape "
+                         f"{probs.shape}; move the class axis first.")
+    if np.issubdtype(probs.dtype, np.integer):
+        return probs.astype(np.float32) / np.float32(np.iinfo(probs.dtype).max)
+    return np.nan_to_num(probs.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Seeded watershed whose result per mask component does not depend on the crop.
+
+    scikit-image orders its flooding queue by (value, insertion age) and gives every marker pixel
+    age 0, so ties between marker pixels would be broken by the heap's layout, which depends on
+    everything else in the image. Giving marker pixels distinct values below any elevation, rising
+    in raster order, makes the queue order a total order that cropping preserves: every later
+    entry has a unique age, so the order among one unit's pixels is fixed by that unit alone.
+    """
+    elevation = elevation.astype(np.float64)
+    seeds = np.flatnonzero(markers)
+    low = float(elevation.min(initial=0.0)) - 2.0
+    elevation.flat[seeds] = low + np.arange(len(seeds)) / max(len(seeds), 1)
+    return watershed(elevation, markers, mask=mask, connectivity=1)
+
+
+def _three_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded watershed on ``(3, H, W)`` float probabilities → (labels, anchors, mask)."""
+    mask = (p[1] + p[2]) > s.foreground_threshold
+    # Seeds stay inside the mask, so each one lies in (and floods) exactly one unit.
+    markers, n = ndi.label((p[1] > s.seed_threshold) & mask, _EIGHT)
+    if s.min_seed_area > 1 and n:
+        small = np.bincount(markers.ravel(), minlength=n + 1) < s.min_seed_area
+        small[0] = False
+        markers[small[markers]] = 0
+    labels = _flood(-p[1], markers, mask)
+    _add_unreached(labels, markers, mask)  # markers now anchor every object
+    return labels, markers, mask
+
+
+def _two_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(2, H, W)`` {background, foreground} → components (optionally split) and membranes."""
+    mask = p[1] > s.foreground_threshold
+    if s.method == "membranes":  # 4-connected: a diagonal gap in a membrane must not merge cells
+        labels, _ = ndi.label(mask, _FOUR)
+        return labels, labels, mask
+    if not s.split_touching:
+        labels, _ = ndi.label(mask, _EIGHT)
+        return labels, labels, mask
+    distance = ndi.distance_transform_edt(mask)
+    markers, _ = ndi.label(h_maxima(distance, s.split_depth) & mask, _EIGHT)
+    labels = _flood(-distance, markers, mask)
+    _add_unreached(labels, markers, mask)
+    return labels, markers, mask
+
+
+def _fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill every background region enclosed by exactly one object with that object's label.
+
+    Vectorised: background regions are labelled once and their (region, neighbouring object)
+    pairs collected from eight shifted views; regions touching the array's edge are never holes.
+    """
+    background, n = ndi.label(labels == 0, _FOUR)
+    if n == 0:
+        return labels
+    height, width = labels.shape
+    padded = np.pad(labels, 1)
+    stride = np.int64(padded.max()) + 1
+    codes = []
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        neighbour = padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+        touching = (background > 0) & (neighbour > 0)
+        codes.append(background[touching] * stride + neighbour[touching])
+    pairs = np.unique(np.concatenate(codes))
+    region, owner = pairs // stride, pairs % stride
+    single = np.bincount(region, minlength=n + 1)[region] == 1
+    fill = np.zeros(n + 1, labels.dtype)
+    fill[region[single]] = owner[single]
+    fill[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = 0
+    return np.where(background > 0, fill[background], labels)
+
+
+def _add_unreached(labels: np.ndarray, anchors: np.ndarray, mask: np.ndarray) -> None:
+    """Foreground that no seed reached (e.g. a nucleus too small to have interior) becomes
+    objects of its own, each anchored at itself. Modifies ``labels`` and ``anchors`` in place."""
+    unreached = mask & (labels == 0)
+    extra, _ = ndi.label(unreached, _EIGHT)
+    labels[unreached] = extra[unreached] + labels.max(initial=0)
+    anchors[unreached] = labels[unreached]
+
+
+def _decode_parts(probs, settings: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode and locate objects.
+
+    Returns:
+        ``labels`` ``(H, W) int32`` numbered 1..n in raster order of their anchor pixels,
+        ``anchors`` ``(n,) int64`` flat index of each object's anchor (the first pixel, in raster
+        order, of its seed, or of the object itself when it has no seed), and the foreground
+        ``mask`` ``(H, W) bool``.
+    """
+    p = as_probabilities(probs)
+    if settings.method == "membranes" and p.shape[0] != 2:
+        raise ValueError("method='membranes' needs (2, H, W) probabilities {membrane, cell}.")
+    decode = _three_class if p.shape[0] == 3 else _two_class
+    labels, anchor_map, mask = decode(p, settings)
+    if settings.fill_holes:
+        labels = _fill_holes(labels)
+    areas = np.bincount(labels.ravel())
+    keep = areas >= max(settings.min_area, 1)
+    keep[0] = False
+    flat = np.flatnonzero(anchor_map)
+    ids, first = np.unique(anchor_map.ravel()[flat], return_index=True)
+    alive = keep[ids]
+    ids, anchors = ids[alive], flat[first[alive]]  # ids sorted → anchors of each object
+    order = np.argsort(anchors, kind="stable")
+    lut = np.zeros(len(areas), np.int32)
+    lut[ids[order]] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[labels], anchors[order].astype(np.int64), mask
+
+
+def decode_instances(probs, settings: DecodeSettings | None = None, **overrides) -> np.ndarray:
+    """Instance labels from one in-memory probability map.
+
+    Args:
+        probs: ``(K, H, W)`` class probabilities (float, or uint8/uint16 fixed point): K = 3
+            {background, interior, boundary} or K = 2 {background, foreground}.
+        settings: decoding parameters (defaults: :class:`DecodeSettings`).
+        **overrides: single fields to change, e.g. ``min_area=20``.
+
+    Returns:
+        ``(H, W) int32`` labels, 0 = background, objects 1..n numbered in raster order of their
+        anchor pixel (so a crop and the whole image number shared objects in the same order).
+    """
+    settings = _settings(settings, overrides)
+    return _decode_parts(probs, settings)[0]
+
+
+def decode_semantic_membranes(probs, threshold: float = 0.5, min_area: int = 8) -> np.ndarray:
+    """EM membranes (ISBI 2012 style) → instances = 4-connected components of non-membrane.
+
+    Args:
+        probs: ``(2, H, W)`` probabilities {membrane, cell interior}, or the ``(H, W)`` cell
+            probability alone.
+        threshold: cell probability above which a pixel is not membrane.
+        min_area: components smaller than this (pixels) are dropped.
+
+    Returns:
+        ``(H, W) int32`` labels, 0 = membrane.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim == 2:  # only the cell channel (index 1) is read
+        probs = np.stack([np.zeros_like(probs), probs])
+    settings = DecodeSettings(method="membranes", foreground_threshold=threshold, min_area=min_area)
+    return _decode_parts(probs, settings)[0]
+
+
+def _settings(settings: DecodeSettings | None, overrides: dict) -> DecodeSettings:
+    settings = settings or DecodeSettings()
+    if overrides:
+        settings = DecodeSettings(**{**asdict(settings), **overrides})
+    return settings
+
+
+# --------------------------------------------------------------------------------------------
+# Block-wise decoding of arrays too large for memory
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What one block wrote: its index, its region ``(y0, y1, x0, x1)``, the number of objects it
+    owns (anchor inside the region), the halo finally used, and whether every unit touching the
+    region fitted inside the halo (False: decoded with the largest halo anyway, see
+    :func:`decode_block`)."""
+
+    index: int
+    region: tuple[int, int, int, int]
+    objects: int
+    halo: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class BlockwiseStats:
+    """Summary of a block-wise run; :meth:`to_dict` is JSON-ready."""
+
+    blocks: int
+    objects: int
+    escalated: int  # blocks that needed a larger halo than asked for
+    unresolved: int  # blocks where a unit was larger than ``max_halo`` (possible seams)
+    largest_halo: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def label_dtype(shape: tuple[int, ...]) -> np.dtype:
+    """Smallest unsigned dtype that holds the position-derived IDs of an ``(H, W)`` image:
+    uint32 while ``H * W < 2**32`` (up to 65,535 × 65,535 pixels), uint64 beyond."""
+    pixels = int(np.prod(shape[-2:], dtype=np.int64))
+    return np.dtype(np.uint32 if pixels < 2 ** 32 else np.uint64)
+
+
+def block_regions(shape: tuple[int, int],
+                  block: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Raster-ordered ``(y0, y1, x0, x1)`` regions of an ``(H, W)`` image cut into blocks
+    (the last row/column of blocks is clipped at the image edge)."""
+    (height, width), (bh, bw) = shape, block
+    return [(y, min(y + bh, height), x, min(x + bw, width))
+            for y in range(0, height, bh) for x in range(0, width, bw)]
+
+
+def _cut_units(support: np.ndarray, core: tuple, cut_sides: tuple[bool, bool, bool, bool]) -> int:
+    """Number of units (8-connected components of ``support``) that reach into ``core`` (slices
+    of the decoded crop) and also touch one of the crop's sides that lie inside the image."""
+    units, n = ndi.label(support, _EIGHT)
+    if n == 0:
+        return 0
+    top, bottom, left, right = cut_sides
+    edges = [units[0] if top else (), units[-1] if bottom else (),
+             units[:, 0] if left else (), units[:, -1] if right else ()]
+    at_edge = np.unique(np.concatenate([np.ravel(e) for e in edges]).astype(np.int64))
+    in_core = np.unique(units[core])
+    return int(np.count_nonzero(np.isin(in_core[in_core > 0], at_edge)))
+
+
+def decode_block(probs_array, labels_array, index: int, block: tuple[int, int], halo: int,
+                 settings: DecodeSettings | None = None,
+                 max_halo: int | None = None) -> BlockResult:
+    """Decode one block on block + halo and write its labels; a pure function of its arguments.
+
+    Args:
+        probs_array: ``(K, H, W)`` probabilities with numpy-style slicing (zarr, numpy, ...).
+        labels_array: ``(H, W)`` unsigned integer output with numpy-style slice assignment.
+        index: raster index of the block in :func:`block_regions` ``(shape, block)``.
+        block: ``(bh, bw)`` block size (a multiple of the output's chunks: writes never share
+            a chunk, so blocks may run in any order or in parallel).
+        halo: context read around the block on every side, in pixels.
+        settings: decoding parameters.
+        max_halo: largest halo tried (default ``8 * halo``).
+
+    Every object gets ID = (global raster index of its anchor pixel) + 1, the anchor being the
+    first pixel, in raster order, of its seed (or of the object itself when it has none); the
+    block whose region holds the anchor owns the object. A unit (connected foreground: a nucleus or a cluster
+    of touching nuclei) that reaches into the block but also touches the crop's inner edge is
+    decoded again with twice the halo, up to ``max_halo``; then the decode of every unit that
+    touches the block equals the whole-image decode, so neighbouring blocks agree pixel for pixel
+    with no relabel pass. A unit still larger than ``max_halo`` is written as decoded
+    (``complete=False``, logged): its objects whose seeds lie inside the crop keep consistent IDs,
+    but its pixels near the seam may differ from the neighbour's decode.
+    """
+    settings = settings or DecodeSettings()
+    height, width = labels_array.shape
+    y0, y1, x0, x1 = block_regions((height, width), block)[index]
+    max_halo = 8 * halo if max_halo is None else max(max_halo, halo)
+    current = halo
+    while True:
+        ey0, ey1 = max(0, y0 - current), min(height, y1 + current)
+        ex0, ex1 = max(0, x0 - current), min(width, x1 + current)
+        labels, anchors, mask = _decode_parts(probs_array[:, ey0:ey1, ex0:ex1], settings)
+        core = (slice(y0 - ey0, y1 - ey0), slice(x0 - ex0, x1 - ex0))
+        cut = _cut_units(mask | (labels > 0), core, (ey0 > 0, ey1 < height, ex0 > 0, ex1 < width))
+        if cut == 0 or current >= max_halo:
+            break
+        current = min(2 * max(current, 1), max_halo)
+    if cut:
+        log.warning("instances: block %d (%d:%d, %d:%d) has %d object cluster(s) larger than the "
+                    "maximum halo %d px; labels near its edges may not match its neighbours'.",
+                    index, y0, y1, x0, x1, cut, max_halo)
+    anchor_y, anchor_x = np.divmod(anchors, ex1 - ex0)
+    anchor_y, anchor_x = anchor_y + ey0, anchor_x + ex0
+    ids = np.zeros(len(anchors) + 1, labels_array.dtype)
+    ids[1:] = anchor_y * width + anchor_x + 1
+    labels_array[y0:y1, x0:x1] = ids[labels[core]]
+    owned = (anchor_y >= y0) & (anchor_y < y1) & (anchor_x >= x0) & (anchor_x < x1)
+    return BlockResult(index, (y0, y1, x0, x1), int(owned.sum()), current, cut == 0)
+
+
+def _check_blockwise(probs_array, labels_array, block: tuple[int, int], halo: int) -> None:
+    """Clear errors for shapes, dtypes and block sizes that would give wrong or racing writes."""
+    if len(probs_array.shape) != 3 or tuple(probs_array.shape[1:]) != tuple(labels_array.shape):
+        raise ValueError(f"probabilities {tuple(probs_array.shape)} must be (K, H, W) with (H, W) "
+                         f"equal to the labels' shape {tuple(labels_array.shape)}.")
+    dtype = np.dtype(labels_array.dtype)
+    if dtype.kind != "u" or np.iinfo(dtype).max < np.prod(labels_array.shape, dtype=np.float64):
+        raise ValueError(f"labels dtype {dtype} cannot hold position-derived IDs of a "
+                         f"{labels_array.shape} image; create the labels array with dtype "
+                         f"{label_dtype(labels_array.shape)} (instances.label_dtype).")
+    # zarr v3 sharded arrays write whole shards: those are the unit that must not be shared.
+    chunks = getattr(labels_array, "shards", None) or getattr(labels_array, "chunks", None) or block
+    if len(block) != 2 or min(block) < 1 or any(b % c for b, c in zip(block, chunks)):
+        raise ValueError(f"block {tuple(block)} must be a positive multiple of the labels' chunks "
+                         f"{tuple(chunks)}, so that no two blocks write into the same chunk.")
+    if halo < 0:
+        raise ValueError(f"halo must be >= 0 pixels, got {halo}.")
+
+
+def instances_blockwise(probs_array, labels_array, block: tuple[int, int] = (1024, 1024),
+                        halo: int = 128, settings: DecodeSettings | None = None, *,
+                        max_halo: int | None = None, blocks: Iterable[int] | None = None,
+                        ) -> Generator[Progress, None, BlockwiseStats]:
+    """Instance labels for an image of any size, one block at a time (memory ~ one block).
+
+    Args:
+        probs_array: ``(K, H, W)`` probabilities (zarr array or anything sliceable like numpy;
+            float, or uint8/uint16 fixed point).
+        labels_array: ``(H, W)`` output, dtype :func:`label_dtype` (uint32 up to 65,535² pixels),
+            chunks dividing ``block``.
+        block: ``(bh, bw)`` pixels per block, a multiple of the labels' chunk size.
+        halo: context in pixels around each block; make it wider than the largest nucleus
+            cluster (larger ones are retried with a bigger halo, see :func:`decode_block`).
+        settings: decoding parameters.
+        max_halo: largest halo tried (default ``8 * halo``).
+        blocks: block indices to run, in this order (default all, raster order), e.g. the
+            blocks left to do when resuming or a scatter of them across dask workers.
+
+    Yields:
+        :class:`Progress` (stage ``"instances"``) after each block, with its ``region``.
+
+    Returns:
+        :class:`BlockwiseStats`. The output does not depend on the order or grouping of blocks.
+    """
+    settings = settings or DecodeSettings()
+    _check_blockwise(probs_array, labels_array, tuple(block), halo)
+    n_blocks = len(block_regions(tuple(labels_array.shape), tuple(block)))
+    todo = list(range(n_blocks)) if blocks is None else [int(b) for b in blocks]
+    if any(not 0 <= b < n_blocks for b in todo):
+        raise ValueError(f"block indices must lie in [0, {n_blocks}) for this image and "
+                         "block size.")
+    objects = escalated = unresolved = largest = 0
+    for done, index in enumerate(todo, 1):
+        result = decode_block(probs_array, labels_array, index, tuple(block), halo, settings,
+                              max_halo)
+        objects += result.objects
+        escalated += result.halo > halo
+        unresolved += not result.complete
+        largest = max(largest, result.halo)
+        yield Progress("instances", done, len(todo), f"block {done}/{len(todo)}: "
+                       f"{objects} objects", {"objects": objects}, result.region)
+    return BlockwiseStats(len(todo), objects, escalated, unresolved, largest)
