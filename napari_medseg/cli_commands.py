@@ -12,8 +12,9 @@ from .cli import CLIError
 class TerminalProgress:
     """A one-line progress bar on stderr, redrawn at most every ``interval`` seconds."""
 
-    def __init__(self, interval: float = 0.5, stream=sys.stderr):
-        self.interval, self.stream, self.last, self.started = interval, stream, 0.0, time.perf_counter()
+    def __init__(self, interval: float = 0.5, stream=None):
+        self.interval, self.last, self.started = interval, 0.0, time.perf_counter()
+        self.stream = stream or sys.stderr
         self.stage = None
 
     def __call__(self, record) -> None:
@@ -44,8 +45,70 @@ def _not_yet(what: str, issue: int):
     raise CLIError(f"'{what}' is not available in this version yet (issue {issue} of napari-medseg)")
 
 
+def parse_region(text: str | None):
+    """``"y0:y1,x0:x1"`` → ``(y0, y1, x0, x1)``."""
+    if not text:
+        return None
+    try:
+        ys, xs = text.split(",")
+        (y0, y1), (x0, x1) = (tuple(int(v) for v in part.split(":")) for part in (ys, xs))
+    except ValueError:
+        raise CLIError(f"--region {text!r} is not of the form y0:y1,x0:x1 (e.g. 0:4096,2048:6144)") from None
+    if not (0 <= y0 < y1 and 0 <= x0 < x1):
+        raise CLIError(f"--region {text!r} must have 0 <= y0 < y1 and 0 <= x0 < x1")
+    return (y0, y1, x0, x1)
+
+
+def _segment(input_path, model_name, weights, output, settings, bar) -> dict:
+    from .core.io import open_image
+    from .core.pipeline import load_model, run_segmentation
+    from .core.progress import drain
+
+    source = input_path
+    if isinstance(input_path, (str, Path)):
+        path = Path(input_path)
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+            from skimage import io as skio
+
+            from .core.store import default_output_path
+
+            output = output or default_output_path(path, model_name)
+            source = open_image(skio.imread(path))
+        else:
+            source = open_image(path)
+    model, card = load_model(model_name, weights, settings.device)
+    result = drain(run_segmentation(source, model, card, output, settings), bar)
+    bar.close()
+    maps = result.maps
+    return {"output": result.output, "maps": maps.status, "labels": result.labels_status,
+            "objects": result.objects, "seconds": round(maps.seconds, 2), "device": maps.device,
+            "tiles_run": maps.tiles_run, "tiles_skipped": maps.tiles_skipped,
+            "warnings": list(maps.warnings)}
+
+
 def run_segment(args) -> None:
-    _not_yet("segment", 4)
+    """Tiled segmentation of one image into a zarr group."""
+    from .core.inference import InferenceSettings
+
+    if args.workers or args.scheduler:
+        from .core.distributed import run_distributed
+
+        summary = run_distributed(args)
+    else:
+        settings = InferenceSettings(
+            tile=args.tile, overlap=args.overlap, batch_size=args.batch, device=args.device,
+            mc_samples=args.mc_samples, region=parse_region(args.region), overwrite=args.overwrite)
+        if not Path(args.input).exists():
+            raise CLIError(f"input {args.input} does not exist")
+        from .core.store import default_output_path
+
+        output = Path(args.output) if args.output else default_output_path(args.input, args.model)
+        if output.exists() and not (args.resume or args.overwrite):
+            raise CLIError(f"output {output} already exists; pass --resume to continue that run, "
+                           "--overwrite to replace it (only stores made by napari-medseg), or choose "
+                           "another -o")
+        summary = _segment(args.input, args.model, args.weights, output, settings, TerminalProgress())
+    print(json.dumps(summary, indent=2))
 
 
 def run_finetune(args) -> None:
@@ -91,5 +154,28 @@ def run_bench(args) -> None:
     _not_yet("bench", 4)
 
 
+def _has_display() -> bool:
+    import os
+
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def run_demo(args) -> None:
-    _not_yet("demo", 2)
+    """napari with a sample and the Segment widget, or a headless segmentation of the sample."""
+    from .core.inference import InferenceSettings
+    from .core.samples import load_sample
+
+    if args.headless or not _has_display():
+        print("no display found: running the headless demo" if not args.headless else "headless demo",
+              file=sys.stderr)
+        image = load_sample(args.sample)
+        settings = InferenceSettings(mc_samples=8, overwrite=True)
+        summary = _segment(image, args.model, None, args.output, settings, TerminalProgress())
+        print(json.dumps(summary, indent=2))
+        return
+    import napari
+
+    viewer = napari.Viewer(title="napari-medseg demo")
+    viewer.add_image(load_sample(args.sample), name=args.sample)
+    viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    napari.run()

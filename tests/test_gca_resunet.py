@@ -201,3 +201,23 @@ def test_loss_honours_valid_mask(num_classes):
     for changed in (relabelled, ignored):
         out = loss_fn({"logits": logits}, {"labels": changed, "image": None, "valid": valid})
         assert torch.allclose(out["loss"], reference)
+
+
+def test_gca_conv_macs_at_224_match_paper_overhead():
+    # MODELS.md §7.2: GCA conv MACs in all 16 blocks at 3×224×224 = 0.217 G (the paper's +0.23 GMACs
+    # includes the strip pooling); feature maps are 112, 56, 28, 14, 7 with the ceil-mode max-pool.
+    torch.manual_seed(0)
+    encoder = create_model("gca_resunet", "paper", num_classes=9).encoder.eval()
+    macs = []
+
+    def count(conv, inputs, output):
+        macs.append(output.numel() * conv.in_channels // conv.groups)
+
+    for m in encoder.modules():
+        if isinstance(m, GroupedCoordinateAttention):
+            m.reduce.register_forward_hook(count)
+            m.expand.register_forward_hook(count)
+    with torch.no_grad():
+        feats = encoder(torch.randn(1, 3, 224, 224))
+    assert [f.shape[-1] for f in feats] == [112, 56, 28, 14, 7]
+    assert sum(macs) == 216_530_944

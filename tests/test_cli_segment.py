@@ -1,0 +1,80 @@
+"""The segment command end to end (random lite weights, small real image), and its bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_medseg.cli import main
+from napari_medseg.core.resources import sample_image_path
+from napari_medseg.core.samples import load_sample
+from napari_medseg.core.store import OutputStore
+
+
+@pytest.fixture
+def sample_zarr(tmp_path):
+    path = tmp_path / "nuclei.zarr"
+    image = load_sample("fluorescence_large")
+    z = zarr.open_array(str(path), mode="w", shape=image.shape, chunks=(256, 256), dtype=image.dtype)
+    z[:] = image
+    return path
+
+
+def test_segment_zarr_writes_maps_and_labels(sample_zarr, tmp_path, capsys):
+    out = tmp_path / "run.zarr"
+    assert main(["segment", str(sample_zarr), "-m", "reseg_unet", "--weights", "random",
+                 "-o", str(out), "--tile", "256"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["maps"] == "complete" and summary["labels"] == "complete"
+    store = OutputStore.open(out, mode="r")
+    probs = store.read_map("probs")
+    assert probs.shape == (3, 520, 696)
+    assert np.allclose(probs.sum(0), 1.0, atol=3 / 255)
+    assert store.labels().dtype == np.uint32
+    assert store.attrs["run"]["model"] == "reseg_unet"
+    assert store.status("labels")["status"] == "complete"
+
+
+def test_existing_output_refused_without_resume(sample_zarr, tmp_path, capsys):
+    out = tmp_path / "run.zarr"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    assert main(["segment", str(sample_zarr), "-m", "reseg_unet", "--weights", "random", "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_overwrite_never_deletes_foreign_folder(sample_zarr, tmp_path, capsys):
+    out = tmp_path / "run.zarr"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    assert main(["segment", str(sample_zarr), "-m", "reseg_unet", "--weights", "random", "-o", str(out),
+                 "--overwrite"]) == 2
+    assert (out / "mine.txt").read_text() == "user data"
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_png_input_and_region(tmp_path, capsys):
+    out = tmp_path / "png.zarr"
+    assert main(["segment", str(sample_image_path("histology_he")), "-m", "iau_net", "--weights", "random",
+                 "-o", str(out), "--region", "0:128,0:128"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["output"] == str(out)
+
+
+@pytest.mark.parametrize("region", ["5:1", "a:b,c:d", "0:10"])
+def test_bad_region(sample_zarr, tmp_path, capsys, region):
+    assert main(["segment", str(sample_zarr), "--weights", "random", "-o", str(tmp_path / "o.zarr"),
+                 "--region", region]) == 2
+    assert "--region" in capsys.readouterr().err
+
+
+def test_weights_for_another_model(sample_zarr, tmp_path, capsys):
+    from src_models import create_model, save_weights
+
+    save_weights(create_model("reseg_unet", "lite"), tmp_path / "reseg")
+    assert main(["segment", str(sample_zarr), "-m", "vunet", "--weights", str(tmp_path / "reseg"),
+                 "-o", str(tmp_path / "o.zarr")]) == 2
+    assert "not 'vunet'" in capsys.readouterr().err
