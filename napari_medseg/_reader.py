@@ -1,7 +1,15 @@
-"""napari reader contribution: ``.zarr`` folders (plain or OME-Zarr) and large TIFFs, opened lazily."""
+"""napari reader contribution: ``.zarr`` folders (plain, OME-Zarr, MedSeg outputs) and TIFFs, lazily.
+
+A MedSeg output store opens as its input image (when still on disk), its maps and its editable
+labels; any other zarr or TIFF opens as one image layer (multiscale when it has a pyramid) with
+its pixel size as scale and contrast limits from a small sample. Nothing reads the whole image.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+
+ZARR_SUFFIXES = (".zarr",)
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def get_reader(path):
@@ -11,17 +19,18 @@ def get_reader(path):
             return None
         path = path[0]
     p = Path(path)
-    if p.suffix.lower() == ".zarr" and p.is_dir():
+    name = p.name.lower().rstrip("/")
+    if name.endswith(ZARR_SUFFIXES) and p.is_dir():
         return read_image
-    if p.suffix.lower() in (".tif", ".tiff") and p.is_file():
+    if name.endswith(TIFF_SUFFIXES) and p.is_file():
         return read_image
     return None
 
 
 def read_image(path):
-    """Open ``path`` lazily as an image layer (multiscale when the file has a pyramid)."""
-    from .core.io import layer_data_for_napari
+    """Layer data tuples for ``path`` (see the module docstring)."""
+    from .layer_data import read_layers
 
     if isinstance(path, list):
         path = path[0]
-    return [layer_data_for_napari(path)]
+    return read_layers(path)

@@ -27,7 +27,9 @@ def _add_segment(sub) -> None:
     p.add_argument("-o", "--output", help="output .zarr folder; default: next to the input")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: chosen per model)")
     p.add_argument("--overlap", type=int, help="tile overlap / halo in pixels (default: chosen per model)")
-    p.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--batch", type=int, help="tiles per forward pass (default: from the device's memory)")
+    p.add_argument("--superblock", type=int, default=2048,
+                   help="edge of the blocks work is split into (multiple of 512; default 2048)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples for V-UNet uncertainty (0 = off)")
     p.add_argument("--region", help="only this region, as y0:y1,x0:x1")
@@ -94,11 +96,31 @@ def _add_export(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print tables (tiling, models, finetune)",
-                       description="Run a benchmark and print its table; results belong in the README.")
+                       description="Run a benchmark and print its table; results belong in the README. "
+                       "The tiling benchmark measures overhead over bare forward passes, MONAI's sliding "
+                       "window, peak memory per image size, seams and instance stitching side by side.")
     p.add_argument("which", choices=["tiling", "models", "finetune"])
-    p.add_argument("--sizes", default="4096,8192,16384", help="image sizes for the tiling benchmark")
-    p.add_argument("--model", default="reseg_unet")
+    p.add_argument("--sizes", help="tiling: image edges of the peak-memory runs "
+                   "(default 4096,8192,16384; --quick 512,1024)")
+    p.add_argument("--model", default="reseg_unet", help=f"model timed and measured ({MODEL_HELP}); "
+                   "default reseg_unet")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--timing-size", type=int, help="tiling: image edge of the overhead and MONAI "
+                   "comparisons (default 4096; --quick 1024)")
+    p.add_argument("--seam-size", type=int, help="tiling: image edge of the seam checks (default 1024; "
+                   "--quick 512)")
+    p.add_argument("--seam-models", help="tiling: models whose seams are measured "
+                   "(default reseg_unet,vunet,gca_resunet)")
+    p.add_argument("--stitch-size", type=int, help="tiling: image edge of the synthetic disks for "
+                   "instance stitching (default 1024; --quick 512)")
+    p.add_argument("--parts", help="tiling: parts to run, comma-separated, from "
+                   "overhead,monai,memory,seams,stitching (default all)")
+    p.add_argument("--repeats", type=int, help="timing repeats, best reported (default 1)")
+    p.add_argument("--workers", type=int, help="tiling: Dask worker processes compared with one "
+                   "process (default 2; 0 skips)")
+    p.add_argument("--workdir", help="scratch folder for the images and outputs (kept); default: a "
+                   "temporary folder, removed afterwards")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
 
 
 def _add_demo(sub) -> None:

@@ -87,26 +87,28 @@ def _segment(input_path, model_name, weights, output, settings, bar) -> dict:
 
 
 def run_segment(args) -> None:
-    """Tiled segmentation of one image into a zarr group."""
+    """Tiled segmentation of one image into a zarr group (one process, or a Dask cluster)."""
     from .core.inference import InferenceSettings
+    from .core.store import default_output_path
 
+    settings = InferenceSettings(
+        tile=args.tile, overlap=args.overlap, batch_size=args.batch,
+        device="cpu" if (args.workers or args.scheduler) and args.device == "auto" else args.device,
+        mc_samples=args.mc_samples, region=parse_region(args.region), overwrite=args.overwrite,
+        superblock=args.superblock)
+    if not Path(args.input).exists():
+        raise CLIError(f"input {args.input} does not exist")
+    output = Path(args.output) if args.output else default_output_path(args.input, args.model)
+    if output.exists() and not (args.resume or args.overwrite):
+        raise CLIError(f"output {output} already exists; pass --resume to continue that run, "
+                       "--overwrite to replace it (only stores made by napari-medseg), or choose "
+                       "another -o")
     if args.workers or args.scheduler:
         from .core.distributed import run_distributed
 
-        summary = run_distributed(args)
+        summary = run_distributed(args.input, args.model, args.weights, output, settings,
+                                  args.workers, args.scheduler, TerminalProgress())
     else:
-        settings = InferenceSettings(
-            tile=args.tile, overlap=args.overlap, batch_size=args.batch, device=args.device,
-            mc_samples=args.mc_samples, region=parse_region(args.region), overwrite=args.overwrite)
-        if not Path(args.input).exists():
-            raise CLIError(f"input {args.input} does not exist")
-        from .core.store import default_output_path
-
-        output = Path(args.output) if args.output else default_output_path(args.input, args.model)
-        if output.exists() and not (args.resume or args.overwrite):
-            raise CLIError(f"output {output} already exists; pass --resume to continue that run, "
-                           "--overwrite to replace it (only stores made by napari-medseg), or choose "
-                           "another -o")
         summary = _segment(args.input, args.model, args.weights, output, settings, TerminalProgress())
     print(json.dumps(summary, indent=2))
 
@@ -151,7 +153,34 @@ def run_export(args) -> None:
 
 
 def run_bench(args) -> None:
-    _not_yet("bench", 4)
+    """Benchmarks that print a markdown table (only ``tiling`` in this version)."""
+    if args.which != "tiling":
+        _not_yet(f"bench {args.which}", 4)
+    from .core.bench_tiling import BenchConfig, format_table, run_tiling_bench
+
+    def ints(text):
+        try:
+            return tuple(int(v) for v in text.split(",")) if text else None
+        except ValueError:
+            raise CLIError(f"expected comma-separated integers, got {text!r} (e.g. 4096,8192)") from None
+
+    def names(text):
+        return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
+
+    options = {"model": args.model, "sizes": ints(args.sizes), "timing_size": args.timing_size,
+               "seam_size": args.seam_size, "seam_models": names(args.seam_models),
+               "stitch_size": args.stitch_size, "parts": names(args.parts), "repeats": args.repeats,
+               "workers": args.workers, "workdir": args.workdir}
+    if args.quick:
+        config = BenchConfig.quick_preset(**options)
+    else:
+        config = BenchConfig(**{k: v for k, v in options.items() if v is not None})
+    report = run_tiling_bench(config)
+    print(format_table(report))
+    if args.json_path:
+        Path(args.json_path).write_text(report.to_json())
+    if report.failed:
+        print(f"napari-medseg: {len(report.failed)} benchmark row(s) failed or errored", file=sys.stderr)
 
 
 def _has_display() -> bool:

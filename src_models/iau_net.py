@@ -13,17 +13,19 @@ Unspecified in the paper, chosen as MODELS.md §4.3–4.6 argues:
 
 * ResUNet (Zhang et al. 2018) pre-activation units (BN–ReLU–Conv3×3–BN–ReLU–Conv3×3 plus a
   Conv1×1+BN shortcut), down-sampling by the first conv's stride 2; 4 down-samplings with widths
-  ``base·(1, 2, 4, 8, 16)``, base 32 (8,304,122 parameters at 1 → 4 classes; MODELS.md: ≈8.3 M). Convs feeding a BN
-  carry no bias (every unit output meets a BN before the next conv except in the deformable layer,
-  which has its own BN).
+  32-64-128-256-512 (8,304,122 parameters at 1 → 4 classes; MODELS.md: ≈8.3 M). Convs inside the
+  units carry no bias: each feeds a BN or is summed with the shortcut's BN, whose shift is a bias.
+* "lite" preset: widths 8-16-32-96-192 (1.08 M parameters). A CPU step is dominated by the two
+  finest levels (full and half resolution), so they are the narrow ones; the coarse levels, which
+  hold most parameters but cost little time, stay closer to a base-16 net.
 * Bilinear ×2 up-sampling (keeps the channel count; no parameters).
 * The gate in its literal linear form with one coefficient per pixel (W_x: Cx→1 without bias,
   W_g: Cg→1 with the bias b). ``gate="oktay"`` uses Oktay et al.'s additive gate
   ``σ(ψ(ReLU(BN(W_x x) + BN(W_g g))))`` with F_int = Cg/2, still applied as ``(1 + α) ⊙ x``;
   ``gate_target="skip"`` gates the encoder feature instead (Oktay's convention). α is returned
   (the paper's "importance mask", its Fig. 3).
-* Last layer: DeformConv3×3 (offset conv zero-initialised, learning rate ×0.1: :meth:`IAUNet.param_groups`)
-  → BN → ReLU → Conv1×1 head.
+* Last layer: DeformConv3×3 without bias (offset conv zero-initialised, learning rate ×0.1 through
+  :meth:`IAUNet.param_groups`) → BN → ReLU → Conv1×1 head.
 * Loss: Abraham & Khan's focal Tversky loss, whose text the paper reuses: w_FN 0.7, w_FP 0.3,
   exponent 0.75, smooth 1, foreground classes, sums over the batch. ``ftl_literal=True`` uses Eq. 1
   as printed (a (1 − α) prefactor and no exponent). ``ce_weight`` adds masked cross-entropy (not in
@@ -51,9 +53,9 @@ class IAUNetConfig(ModelConfig):
 
     # Encoder widths e1..e4 and the bridge (4 down-samplings); MODELS.md §4.3: base 32 doubling.
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
-    gate: str = "paper"  # "paper" = literal Eq. 2 (1×1 convs to one channel) | "oktay" (additive, F_int = Cg/2)
+    gate: str = "paper"  # "paper" = literal Eq. 2 (1×1 convs to one channel) | "oktay" (F_int = Cg/2)
     gate_target: str = "input"  # "input" = gate the up-sampled decoder map (Eq. 2) | "skip" (Oktay)
-    upsample: str = "bilinear"  # "bilinear" (align_corners=False) | "transpose" (ConvTranspose2d k2 s2, same width)
+    upsample: str = "bilinear"  # "bilinear" (align_corners=False) | "transpose" (ConvT k2 s2, same width)
     downsample: str = "stride"  # "stride" = stride-2 first conv (ResUNet) | "maxpool" + stride-1 unit
     ftl_w_fn: float = 0.7  # Tversky weight on false negatives (Abraham & Khan)
     ftl_w_fp: float = 0.3  # Tversky weight on false positives (the paper's α)
@@ -125,7 +127,7 @@ class AttentionGate(nn.Module):
 class DecoderStage(nn.Module):
     """Up×2 → attention gate → ResidualUnit(cat[gated, skip]).
 
-    ``(B, C_low, h, w)`` and skip ``(B, C_skip, 2h, 2w)`` → ``(B, C_out, 2h, 2w)`` and α ``(B, 1, 2h, 2w)``.
+    ``low (B, C_low, h, w)``, ``skip (B, C_skip, 2h, 2w)`` → ``(B, C_out, 2h, 2w)``, α ``(B, 1, 2h, 2w)``.
     """
 
     def __init__(self, low_channels: int, skip_channels: int, out_channels: int, cfg: IAUNetConfig):
@@ -168,7 +170,7 @@ class IAUNet(SegmentationModel):
     config_class = IAUNetConfig
     presets = {
         "paper": {"in_channels": 3, "num_classes": 3, "widths": (32, 64, 128, 256, 512)},
-        "lite": {"in_channels": 3, "num_classes": 3, "widths": (12, 24, 48, 96, 192)},
+        "lite": {"in_channels": 3, "num_classes": 3, "widths": (8, 16, 32, 96, 192)},
     }
     aux_kinds = ("attention",)
     translation_equivariant = True
@@ -278,9 +280,14 @@ class IAUNetLoss(nn.Module):
             probs, onehot = torch.softmax(logits, dim=1), losses.one_hot(labels, logits.shape[1])
         # Eq. 1 as printed: (1 − α)(1 − TI) with α on FP, i.e. the FN weight times 1 − TI.
         exponent, scale = (1.0, self.w_fn) if self.literal else (self.exponent, 1.0)
-        ftl = scale * losses.focal_tversky_loss(
-            probs, onehot, valid, w_fn=self.w_fn, w_fp=self.w_fp, gamma_exponent=exponent,
-            smooth=self.smooth, include_background=self.include_background)
+        if valid is not None and not bool(valid.any()):
+            # Nothing supervised: TI = 1 exactly, where (1 − TI)^0.75 has an infinite slope and
+            # autograd would give NaN gradients; the loss is 0 with a zero gradient instead.
+            ftl = logits.sum() * 0.0
+        else:
+            ftl = scale * losses.focal_tversky_loss(
+                probs, onehot, valid, w_fn=self.w_fn, w_fp=self.w_fp, gamma_exponent=exponent,
+                smooth=self.smooth, include_background=self.include_background)
         terms = {"focal_tversky": ftl}
         if self.ce_weight > 0:
             terms["cross_entropy"] = self.ce_weight * losses.masked_cross_entropy(logits, labels, valid)

@@ -1,16 +1,338 @@
-"""MedSeg "Segment" dock widget (placeholder until issue 5 lands: it only says so)."""
+"""MedSeg "Segment" dock widget: run a model on an image layer, watch the outputs arrive, review.
+
+The widget holds no segmentation logic: Run builds a :class:`~napari_medseg.segment_job.SegmentRequest`
+from the form and runs :func:`~napari_medseg.segment_job.segment_job` in a napari worker; layers
+are made by :mod:`napari_medseg.layer_data` and touched only in the worker's callbacks, which Qt
+runs on the GUI thread. Cancel is ``worker.quit()``, honoured at the job's next yield (one tile).
+"""
 from __future__ import annotations
 
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+import dataclasses
+
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer, Signal
+from qtpy.QtGui import QKeySequence
+from qtpy.QtWidgets import (QGroupBox, QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
+                            QShortcut, QVBoxLayout, QWidget)
+
+from ..core.inference_plan import InferenceSettings
+from ..core.store import OutputStore
+from ..layer_data import medseg_info, refresh_layers, run_layers_of, show_run
+from ..review import (camera, edited_region, object_view, ranked_objects, record_label_edit,
+                      uncertainty_source, view_region)
+from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_output_path,
+                           image_source_from_layer, output_path, segment_job, SegmentRequest)
+from ..widget_state import load_state, save_state
+from ._segment_form import MODEL_TITLES, SegmentForm
+from ._worker import start_job, update_progress_bar
+
+RUN_KEYS, CANCEL_KEYS, NEXT_KEYS = "Ctrl+Shift+R", "Ctrl+Shift+X", "Ctrl+Shift+U"
+REFRESH_MS = 400          # at most one re-read of the shown layers per this interval during a run
+STAGES = {"loading": "Loading weights", "preparing": "Preparing", "tiles": "Segmenting tiles",
+          "instances": "Finding objects", "objects": "Measuring objects"}
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MemoryError, RuntimeError)
 
 
 class SegmentWidget(QWidget):
-    """Placeholder dock widget; the real controls arrive with issue 5."""
+    """Plugins → MedSeg → Segment.
 
-    def __init__(self, napari_viewer=None, parent=None):
+    Attributes:
+        advanced_settings: ``InferenceSettings`` fields the form does not show (e.g. ``chunk``,
+            ``superblock``, ``batch_size``), for scripts and tests.
+        outcome: the last run's :class:`~napari_medseg.segment_job.JobOutcome` (None if it was
+            cancelled or failed).
+        run_finished: emitted on the GUI thread after the worker's ``finished``, with ``outcome``.
+    """
+
+    run_finished = Signal(object)
+
+    def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
+        self.advanced_settings: dict = {}
+        self.worker = None
+        self.outcome = None
+        self.request: SegmentRequest | None = None
+        self._layers: list = []
+        self._image_name = ""
+        self._next_request = None
+        self._time_left = TimeLeft()
+        self._review_rank = -1
+        self._refresh_labels = False
+        self._refresh_timer = QTimer(self, singleShot=True, interval=REFRESH_MS)
+        self._refresh_timer.timeout.connect(self._refresh_now)
+        self.form = SegmentForm(load_state(), self)
+        self._build()
+        self.viewer.layers.events.inserted.connect(self._fill_images)
+        self.viewer.layers.events.removed.connect(self._fill_images)
+        self.viewer.layers.events.reordered.connect(self._fill_images)
+        self._fill_images()
+        self.form.changed.connect(self._save_state)
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
         layout = QVBoxLayout(self)
-        label = QLabel("Segment: not available in this version yet (issue 5 of napari-medseg).")
-        label.setWordWrap(True)
-        layout.addWidget(label)
+        layout.addWidget(self.form)
+        self.run_button = QPushButton("Run", toolTip=f"Segment the image ({RUN_KEYS}); running "
+                                      "again on the same output resumes it and keeps your edits")
+        self.cancel_button = QPushButton("Cancel", enabled=False,
+                                         toolTip=f"Stop after the current tile ({CANCEL_KEYS}); "
+                                         "finished blocks stay on disk and Run resumes")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.progress = QProgressBar(minimum=0, maximum=1000, value=0, textVisible=True,
+                                     toolTip="Progress of the current stage")
+        layout.addWidget(self.progress)
+        self.status = QLabel("Choose an image and a model, then press Run.", wordWrap=True)
+        layout.addWidget(self.status)
+        review = QGroupBox("Review")
+        inner = QVBoxLayout(review)
+        self.next_button = QPushButton(
+            "Next most uncertain object",
+            toolTip=f"Jump to the object with the next highest mean uncertainty ({NEXT_KEYS}); "
+                    "per-object values are in the labels layer's features")
+        self.next_button.clicked.connect(self.next_uncertain_object)
+        self.review_label = QLabel("", wordWrap=True)
+        inner.addWidget(self.next_button)
+        inner.addWidget(self.review_label)
+        layout.addWidget(review)
+        layout.addStretch(1)
+        for keys, slot in ((RUN_KEYS, self.run), (CANCEL_KEYS, self.cancel),
+                           (NEXT_KEYS, self.next_uncertain_object)):
+            QShortcut(QKeySequence(keys), self, activated=slot)
+
+    def _fill_images(self, *_) -> None:
+        combo, current = self.form.image, self.form.image.currentText()
+        names = [layer.name for layer in self.viewer.layers
+                 if isinstance(layer, Image) and "map" not in (medseg_info(layer) or {})]
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(names)
+        if current in names:
+            combo.setCurrentText(current)
+        combo.blockSignals(False)
+
+    def _save_state(self) -> None:
+        save_state(self.form.store_state())
+
+    # ------------------------------------------------------------------ run / cancel
+    def run(self) -> None:
+        """Start a run with the form's settings (does nothing while one is running)."""
+        if self.worker is not None:
+            return
+        try:
+            request = self._make_request()
+        except USER_ERRORS as exc:
+            show_error(f"MedSeg: {exc}")
+            self.status.setText(str(exc))
+            return
+        self._save_state()
+        self._start(request)
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next yield (within one tile)."""
+        if self.worker is None:
+            return
+        self._next_request = None
+        self.worker.quit()
+        self.cancel_button.setEnabled(False)
+        self.status.setText("Cancelling: stopping after the current tile…")
+
+    def _make_request(self) -> SegmentRequest:
+        name = self.form.image.currentText()
+        if name not in self.viewer.layers:
+            raise ValueError("open an image first (File → Open, or File → Open Sample → MedSeg)")
+        layer = self.viewer.layers[name]
+        source, path = image_source_from_layer(layer, layer.world_to_data(self.viewer.dims.point))
+        model = self.form.model_name()
+        region = None
+        if self.form.area.currentData() == "view":
+            region = view_region(self.viewer, layer)
+            if region is None:
+                raise ValueError("the image is not in view: pan to it, or choose 'whole image'")
+        overlap = self.form.overlap.value()
+        settings = InferenceSettings(
+            tile=self.form.tile.value() or None, overlap=None if overlap < 0 else overlap,
+            device=self.form.device.currentData(), region=region,
+            mc_samples=self.form.mc_samples.value() if self.form.offers_uncertainty() else 0,
+            **self.advanced_settings)
+        output = output_path(path, name, model, self.form.output.text().strip())
+        return SegmentRequest(source, model, self.form.weights_value(), output, settings)
+
+    def _start(self, request: SegmentRequest) -> None:
+        self.request = request
+        self.outcome = None
+        self._image_name = self.form.image.currentText()
+        self._layers = []
+        self._time_left = TimeLeft()
+        title = MODEL_TITLES.get(request.model_name, request.model_name)
+        self.worker = start_job(segment_job, request, f"MedSeg: {title} on {self._image_name}", {
+            "yielded": self._on_progress, "returned": self._on_returned,
+            "errored": self._on_error, "aborted": self._on_aborted, "finished": self._on_finished})
+        self.form.set_running(True)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setValue(0)
+        self.status.setText(f"Starting {title}…")
+
+    # ------------------------------------------------------------------ worker callbacks (GUI thread)
+    def _on_progress(self, record) -> None:
+        if record.stage in ("tiles", "instances", "objects") and not self._layers:
+            self._show_layers()
+        if record.total:
+            self.progress.setMaximum(1000)
+            self.progress.setValue(int(1000 * record.fraction))
+        else:
+            self.progress.setMaximum(0)   # busy indicator
+        stage = STAGES.get(record.stage, record.stage)
+        counts = f" {record.done}/{record.total}" if record.total else ""
+        left = format_seconds(self._time_left.update(record))
+        self.status.setText(f"{stage}{counts}" + (f" · {left}" if left else "")
+                            + (f"\n{record.message}" if record.message else ""))
+        update_progress_bar(self.worker, record.done, record.total, f"MedSeg: {stage}")
+        if record.region is not None and self._layers:
+            self._refresh_labels |= record.stage == "instances"
+            if not self._refresh_timer.isActive():
+                self._refresh_timer.start()
+
+    def _on_returned(self, outcome) -> None:
+        self.outcome = outcome
+        if not self._layers:
+            self._show_layers()
+        self._refresh_labels = True
+        self._refresh_now()
+        labels = self._labels_layer()
+        if labels is not None and outcome.objects is not None:
+            labels.features = outcome.objects
+            labels.metadata["medseg"]["uncertainty"] = uncertainty_source(
+                OutputStore.open(outcome.output, mode="r"))[1]
+            self._review_rank = -1
+        result = outcome.result
+        self.progress.setMaximum(1000)
+        self.progress.setValue(1000)
+        objects = len(outcome.objects) if outcome.objects is not None else result.objects
+        if result.maps.blocks_run == 0 and result.maps.blocks_resumed:
+            text = f"Already segmented (your edits are kept): {objects} objects. Output: {outcome.output}"
+        else:
+            replaced = " (replacing an earlier output made with other settings)" if outcome.replaced else ""
+            text = (f"Done in {outcome.seconds:.0f} s on {result.maps.device}: {objects} objects, "
+                    f"labels {result.labels_status}. Output: {outcome.output}{replaced}")
+        self.status.setText(text)
+        show_info(f"MedSeg: {text}")
+        for warning in result.maps.warnings:
+            show_warning(f"MedSeg: {warning}")
+
+    def _on_error(self, exc: Exception) -> None:
+        self.progress.setMaximum(1000)
+        if isinstance(exc, EditedOutputError):
+            choice = self.ask_about_edited_output(exc)
+            if choice == "new":
+                self._next_request = dataclasses.replace(self.request, output=free_output_path(exc.path))
+            elif choice == "replace":
+                self._next_request = dataclasses.replace(self.request, replace_edited=True)
+            self.status.setText("Not run: your edited labels are kept." if choice is None else
+                                "Starting again…")
+            return
+        message = str(exc) if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {exc}"
+        self.status.setText(f"Failed: {message}")
+        show_error(f"MedSeg segmentation failed: {message}")
+
+    def _on_aborted(self) -> None:
+        store = OutputStore.open(self.request.output, mode="r") if self._layers else None
+        kept = ""
+        if store is not None:
+            maps = store.status("maps")
+            kept = f" {maps['chunks_done']} of {maps['chunks_total']} chunks are kept;"
+        self.status.setText(f"Cancelled.{kept} press Run to resume.")
+        self._refresh_labels = True
+        self._refresh_now()
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.form.set_running(False)
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        request, self._next_request = self._next_request, None
+        if request is not None:
+            self._start(request)
+        else:
+            self.run_finished.emit(self.outcome)
+
+    def ask_about_edited_output(self, error: EditedOutputError) -> str | None:
+        """Ask what to do with an output holding hand-edited labels: ``"new"``, ``"replace"`` or
+        None (do nothing). Tests replace this method."""
+        box = QMessageBox(QMessageBox.Question, "MedSeg: edited labels",
+                          f"{error.path.name} holds labels you edited, and this run uses other "
+                          f"settings ({error.reason}).", parent=self)
+        new = box.addButton("Keep edits, write a new output", QMessageBox.AcceptRole)
+        replace = box.addButton("Replace my edits", QMessageBox.DestructiveRole)
+        box.addButton(QMessageBox.Cancel)
+        box.exec_()
+        return {new: "new", replace: "replace"}.get(box.clickedButton())
+
+    # ------------------------------------------------------------------ layers
+    def _show_layers(self) -> None:
+        if self._image_name not in self.viewer.layers:
+            return
+        image = self.viewer.layers[self._image_name]
+        store = OutputStore.open(self.request.output)
+        self._layers = show_run(self.viewer, image, store)
+        labels = self._labels_layer()
+        if labels is not None:
+            labels.events.paint.connect(self._on_paint)
+            if not medseg_info(labels).get("editable", True):
+                show_info("MedSeg: the labels of an image this large are shown read-only "
+                          "(napari cannot paint on multiscale labels)")
+
+    def _refresh_now(self) -> None:
+        layers = [layer for layer in self._layers if layer in self.viewer.layers]
+        refresh_layers(layers, labels=self._refresh_labels)
+        self._refresh_labels = False
+
+    def _labels_layer(self) -> Labels | None:
+        name = self._image_name or self.form.image.currentText()
+        found = [layer for layer in run_layers_of(self.viewer, name) if isinstance(layer, Labels)]
+        return found[0] if found else None
+
+    def _on_paint(self, event) -> None:
+        layer = event.source
+        region = edited_region(event.value, layer.data.shape[-2:])
+        if region is None:
+            return
+        try:
+            record_label_edit(OutputStore.open(medseg_info(layer)["output"]), region)
+        except (OSError, ValueError) as exc:
+            show_warning(f"MedSeg: the edit is on screen but could not be recorded: {exc}")
+
+    # ------------------------------------------------------------------ review
+    def next_uncertain_object(self) -> None:
+        """Centre the view on the object with the next highest mean uncertainty and select it."""
+        if self.worker is None:
+            self._image_name = self.form.image.currentText()
+        labels = self._labels_layer()
+        order = ranked_objects(labels.features if labels is not None else None)
+        if not len(order):
+            self.review_label.setText("No per-object uncertainty yet: run a segmentation first.")
+            return
+        self._review_rank = (self._review_rank + 1) % len(order)
+        row = labels.features.iloc[int(order[self._review_rank])]
+        (y, x), zoom = object_view(row, labels, self.viewer.canvas.size)
+        view = camera(self.viewer)
+        view.center = (*view.center[:-2], y, x)
+        view.zoom = zoom
+        labels.selected_label = int(row["index"])
+        self.viewer.layers.selection.active = labels
+        source = medseg_info(labels).get("uncertainty", "mean uncertainty")
+        self.review_label.setText(
+            f"Object {self._review_rank + 1} of {len(order)}: label {int(row['index'])}, "
+            f"{source} {row['uncertainty']:.3f}, {int(row['area'])} px")
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        if self.worker is not None:
+            self.worker.quit()
+        super().closeEvent(event)

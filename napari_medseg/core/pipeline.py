@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from src_models import create_model, list_models, load_weights
 
@@ -44,7 +45,9 @@ def load_model(model_name: str, weights: str | Path | None = None, device: str =
         raise KeyError(f"unknown model {model_name!r}; choose one of: {', '.join(list_models())}")
     dev = pick_device(device)
     if weights == RANDOM_WEIGHTS:
-        model = create_model(model_name, "lite").eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same "random" model in every process (Dask workers)
+            model = create_model(model_name, "lite").eval()
         card = {"architecture": model_name, "sha256": "random-init", "config": model.config.to_dict(),
                 "classes": ["background", "interior", "boundary"], "version": "random"}
         return model.to(dev), card

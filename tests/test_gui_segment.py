@@ -1,0 +1,199 @@
+"""GUI: the Segment widget in a real napari window (run under xvfb-run, see README).
+
+Random weights keep these tests independent of training; images are small (256² sample, 1024²
+and 2048² zarr mosaics) so the suite stays fast on a shared CPU.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from napari_medseg.core.resources import starter_weights
+from napari_medseg.core.samples import load_sample, write_mosaic_zarr
+from napari_medseg.core.store import OutputStore
+from napari_medseg.review import labels_edited
+
+from conftest import SCREENSHOTS, save_screenshot
+
+pytestmark = pytest.mark.gui
+
+RUN_TIMEOUT_MS = 180_000
+MAP_PREFIX = {"uncertainty": "nuclei uncertainty", "background": "nuclei DSRA",
+              "attention": "nuclei attention"}
+OWN_MAPS = {"vunet": "uncertainty", "pranet_v2": "background", "iau_net": "attention"}
+
+
+@pytest.fixture(autouse=True)
+def _config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MEDSEG_CONFIG_DIR", str(tmp_path / "config"))
+
+
+def open_widget(viewer, tmp_path, model="vunet", weights="random"):
+    """The Segment widget from the manifest, set to write into tmp_path on the CPU."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    form = widget.form
+    form.model.setCurrentIndex(form.model.findData(model))
+    form.fill_weights(select=weights)
+    assert form.weights_value() == weights
+    form.device.setCurrentIndex(form.device.findData("cpu"))
+    form.output.setText(str(tmp_path / "out"))
+    return widget
+
+
+def run_and_wait(widget, qtbot, on_progress=None):
+    """Press Run and wait for the worker's finished signal (relayed by the widget)."""
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        widget.run_button.click()
+        assert widget.worker is not None
+        if on_progress is not None:
+            widget.worker.yielded.connect(on_progress)
+    return finished.args[0]
+
+
+@pytest.mark.parametrize("model", ["vunet", "reseg_unet", "pranet_v2", "iau_net", "gca_resunet"])
+def test_each_model_runs_and_shows_its_layers(make_napari_viewer, qtbot, tmp_path, model):
+    viewer = make_napari_viewer()
+    viewer.add_image(load_sample("fluorescence_small"), name="nuclei")
+    widget = open_widget(viewer, tmp_path, model)
+    widget.form.mc_samples.setValue(2)
+    started = time.perf_counter()
+    outcome = run_and_wait(widget, qtbot)
+    print(f"{model}: run {time.perf_counter() - started:.1f} s")
+    assert outcome is not None and outcome.result.labels_status == "complete"
+    names = [layer.name for layer in viewer.layers]
+    assert names[0] == "nuclei" and names[-1] == "nuclei labels"
+    assert {"nuclei probability interior", "nuclei probability boundary"} <= set(names)
+    for kind, prefix in MAP_PREFIX.items():
+        present = any(name.startswith(prefix) for name in names)
+        assert present == (OWN_MAPS.get(model) == kind), (kind, names)
+    if model == "vunet":
+        assert {"nuclei uncertainty entropy", "nuclei uncertainty variance",
+                "nuclei uncertainty mutual information"} <= set(names)
+    if model == "pranet_v2":
+        assert sum(name.startswith("nuclei DSRA background stage") for name in names) == 4
+        assert "nuclei DSRA disagreement" in names
+    for layer in viewer.layers[1:-1]:
+        assert layer.data.shape == (256, 256) and layer.data.dtype == np.float32
+        values = np.asarray(layer.data[:, :])
+        low, high = layer.contrast_limits
+        assert low <= values.min() and values.max() <= high + 1e-3, layer.name
+    labels = viewer.layers["nuclei labels"]
+    assert labels.data.shape == (256, 256) and labels.data.dtype == np.uint32
+    assert labels.features.columns[:2].tolist() == ["index", "uncertainty"]
+    assert widget.progress.value() == widget.progress.maximum()
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_mid_run_then_resume(make_napari_viewer, qtbot, tmp_path):
+    path = tmp_path / "mosaic.zarr"
+    write_mosaic_zarr(path, size=1024, chunk=256)
+    viewer = make_napari_viewer()
+    viewer.open(path, plugin="napari-medseg")
+    widget = open_widget(viewer, tmp_path, "gca_resunet")
+    widget.advanced_settings = {"chunk": 256, "superblock": 512}   # 4 blocks
+    seen = []
+
+    def cancel_after_first_block(record):
+        seen.append(record)
+        if record.region is not None and widget.cancel_button.isEnabled():
+            widget.cancel()
+
+    assert run_and_wait(widget, qtbot, cancel_after_first_block) is None   # cancelled: no outcome
+    assert "Cancelled" in widget.status.text()
+    store = OutputStore.open(tmp_path / "out" / "mosaic.gca_resunet.medseg.zarr", mode="r")
+    status = store.status("maps")
+    assert status["status"] == "incomplete" and 0 < status["chunks_done"] < status["chunks_total"]
+    assert "mosaic labels" in viewer.layers                  # partial outputs are shown
+    outcome = run_and_wait(widget, qtbot)
+    assert outcome.result.maps.blocks_resumed >= 1
+    assert outcome.result.maps.blocks_run == 4 - outcome.result.maps.blocks_resumed
+    assert OutputStore.open(outcome.output, mode="r").status("maps")["status"] == "complete"
+    assert [layer.name for layer in viewer.layers].count("mosaic labels") == 1
+
+
+def test_edited_label_survives_rerun(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(load_sample("fluorescence_small"), name="nuclei")
+    widget = open_widget(viewer, tmp_path, "gca_resunet")
+    first = run_and_wait(widget, qtbot)
+    labels = viewer.layers["nuclei labels"]
+    labels.brush_size = 9
+    labels.paint((40, 60), 777)                               # a brush stroke, as from the mouse
+    store = OutputStore.open(first.output, mode="r")
+    assert (np.asarray(store.labels()[36:45, 56:65]) == 777).any()   # the stroke is on disk
+    assert labels_edited(store)
+    again = run_and_wait(widget, qtbot)                      # same settings: resumes, keeps edits
+    assert again.output == first.output
+    assert (np.asarray(viewer.layers["nuclei labels"].data[36:45, 56:65]) == 777).any()
+    widget.form.tile.setValue(128)                           # other settings: ask first
+    asked = []
+    widget.ask_about_edited_output = lambda error: asked.append(error) or "new"
+    third = run_and_wait(widget, qtbot)
+    assert asked and third.output.name == "nuclei.gca_resunet-2.medseg.zarr"
+    assert (np.asarray(OutputStore.open(first.output, mode="r").labels()[36:45, 56:65]) == 777).any()
+
+
+def test_gui_stays_responsive_on_a_2048_image(make_napari_viewer, qtbot, tmp_path):
+    path = tmp_path / "big.zarr"
+    write_mosaic_zarr(path, size=2048, chunk=512)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(path, plugin="napari-medseg")
+    widget = open_widget(viewer, tmp_path, "gca_resunet")
+    widget.advanced_settings = {"superblock": 1024}          # a few blocks land during the run
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(50)
+    started = time.perf_counter()
+    outcome = run_and_wait(widget, qtbot)
+    timer.stop()
+    gaps = np.diff(ticks)
+    print(f"2048²: {time.perf_counter() - started:.1f} s, {len(ticks)} ticks, longest gap "
+          f"{gaps.max():.3f} s")
+    assert outcome.result.maps.status == "complete"
+    assert gaps.max() < 0.5
+    probability = viewer.layers["big probability interior"]
+    assert probability.multiscale and probability.data[0].shape == (2048, 2048)
+    assert not viewer.layers["big labels"].multiscale        # editable at this size
+
+
+def test_screenshot_after_run_and_review(make_napari_viewer, qtbot, tmp_path):
+    """labels + uncertainty visible; starter weights when bundled, else random ones."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 860)
+    viewer.add_image(load_sample("fluorescence_small"), name="nuclei")
+    weights = starter_weights("vunet")
+    widget = open_widget(viewer, tmp_path, "vunet", str(weights) if weights else "random")
+    widget.form.mc_samples.setValue(4)
+    run_and_wait(widget, qtbot)
+    assert viewer.layers["nuclei labels"].visible
+    assert viewer.layers["nuclei uncertainty entropy"].visible
+    widget.next_button.click()
+    assert "Object 1 of" in widget.review_label.text()
+    labels = viewer.layers["nuclei labels"]
+    assert labels.selected_label == int(labels.features["index"].iloc[
+        int(np.argmax(labels.features["uncertainty"]))])
+    viewer.reset_view()
+    try:
+        path = save_screenshot(viewer, "segment_run")
+    except ImportError:  # conftest's helper predates napari 0.9 (no qimage_to_array)
+        SCREENSHOTS.mkdir(exist_ok=True)
+        path = SCREENSHOTS / "segment_run.png"
+        viewer.screenshot(path=str(path), canvas_only=False, flash=False)
+    assert path.stat().st_size > 20_000
+
+
+def test_state_is_remembered(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, tmp_path, "iau_net")
+    widget.form.tile.setValue(512)
+    viewer.window.remove_dock_widget("all")
+    _, again = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    assert again.form.model_name() == "iau_net"
+    assert again.form.tile.value() == 512
+    assert again.form.device.currentData() == "cpu"
+    assert again.form.output.text() == str(tmp_path / "out")
+    assert not again.form.mc_samples.isEnabled()             # only V-UNet samples its latents
