@@ -57,21 +57,35 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", help="JSON recipe file overriding the defaults")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
+    p.add_argument("--init", help="start from these weights (same model and preset) instead of random")
 
 
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune weights on corrected labels",
                        description="Fine-tune a model on a user's corrected instances, writing a new weights "
-                       "version; the parent weights are never modified.")
-    p.add_argument("--weights", required=True, help="parent weights")
-    p.add_argument("--image", required=True, help="image the corrections were made on")
-    p.add_argument("--labels", required=True, help="corrected instance labels (TIFF or zarr)")
+                       "version (safetensors + card) into the model folder (or --out); the parent weights "
+                       "are never modified. Edits are found by comparing --labels with the model's own "
+                       "labels (--model-labels, or the copy inside a napari-medseg output given as "
+                       "--labels); --support and --reviewed mark regions that are complete ground truth.")
+    p.add_argument("--weights", help="parent weights (the weights the labels were made with)")
+    p.add_argument("--image", help="image the corrections were made on")
+    p.add_argument("--labels", help="corrected instance labels: TIFF/PNG, a zarr array, or a napari-medseg "
+                   "output .zarr (its edited labels and recorded model labels are used)")
     p.add_argument("--model-labels", help="the model's own labels from the same run (to find the edits)")
-    p.add_argument("--support", help="mask of reviewed pixels (TIFF); default: around edited objects")
-    p.add_argument("--out", required=True, help="new weights stem")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    p.add_argument("--support", help="mask of pixels known to be correct (TIFF/PNG, non-zero = reviewed)")
+    p.add_argument("--reviewed", action="append", default=[], metavar="Y0:Y1,X0:X1",
+                   help="a reviewed rectangle (complete ground truth, background included); repeatable")
+    p.add_argument("--out", help="new weights stem; default: a new version in the model folder "
+                   "($NAPARI_MEDSEG_MODELS or ~/.local/share/napari-medseg/models)")
+    p.add_argument("--steps", type=int, help="optimiser steps at most (default 200)")
+    p.add_argument("--time-budget", type=float, help="stop training after this many seconds (default 150)")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
+    p.add_argument("--crop", type=int, help="training crop edge (default: the weights' training tile)")
+    p.add_argument("--no-replay", action="store_true", help="do not mix replay crops of the original domain "
+                   "into the batches (risks forgetting it)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--adopt", action="store_true", help="make the new version the active weights of its model")
+    p.add_argument("--versions", metavar="MODEL", help="only print the version tree of MODEL and exit")
 
 
 def _add_evaluate(sub) -> None:
@@ -79,19 +93,31 @@ def _add_evaluate(sub) -> None:
                        description="Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5, per image and mean.")
     p.add_argument("--weights", help="weights to run (default: the bundled starter of --model)")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--labels", required=True, help="folder of ground-truth labels")
+    p.add_argument("--images", help="folder of images (matched to --labels by file stem)")
+    p.add_argument("--labels", help="folder of ground-truth labels")
+    p.add_argument("--data", help="a labelled data folder instead of --images/--labels "
+                   "(DSB2018, MoNuSeg or ISBI layout)")
+    p.add_argument("--split", choices=["all", "val"], default="all",
+                   help="with --data: 'val' scores only the validation images recorded in the weights card")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", default="auto")
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export labels to TIFF, OME-TIFF, GeoJSON or CSV",
-                       description="Export instance labels from a zarr run (or a label image) tile by tile.")
+                       description="Export instance labels from a zarr run (or a label image) tile by "
+                       "tile: a tiled label TIFF, an OME-TIFF with a pyramid and the run's provenance, "
+                       "QuPath detections as GeoJSON, or a per-object CSV table.")
     p.add_argument("labels", help="labels: a napari-medseg output .zarr or a label image")
     p.add_argument("-o", "--output", required=True, help="output file")
-    p.add_argument("--format", default="tiff", choices=["tiff", "ome-tiff", "geojson", "csv"])
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", choices=["tiff", "ome-tiff", "geojson", "csv"],
+                   help="default: from the output's name (.ome.tif, .geojson, .csv), else tiff")
+    p.add_argument("--image", help="intensity image (same size as the labels) for mean_intensity "
+                   "in csv and geojson")
+    p.add_argument("--pixel-size", type=float, help="micrometres per pixel, overriding the labels' own")
+    p.add_argument("--relabel", action="store_true", help="number the objects 1..N in ID order "
+                   "(same numbers in every format; smaller files, exact in Fiji)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _add_bench(sub) -> None:
@@ -115,7 +141,8 @@ def _add_bench(sub) -> None:
                    "instance stitching (default 1024; --quick 512)")
     p.add_argument("--parts", help="tiling: parts to run, comma-separated, from "
                    "overhead,monai,memory,seams,stitching (default all)")
-    p.add_argument("--repeats", type=int, help="timing repeats, best reported (default 1)")
+    p.add_argument("--repeats", type=int, help="tiling: timing repeats, interleaved, best reported "
+                   "(default 2; --quick 1)")
     p.add_argument("--workers", type=int, help="tiling: Dask worker processes compared with one "
                    "process (default 2; 0 skips)")
     p.add_argument("--workdir", help="scratch folder for the images and outputs (kept); default: a "

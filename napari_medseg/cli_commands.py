@@ -113,8 +113,104 @@ def run_segment(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _read_label_file(path: str, what: str):
+    """A label or mask image: TIFF/PNG into memory, a zarr array lazily."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{what} {path} does not exist")
+    if p.is_dir():
+        import zarr
+
+        try:
+            array = zarr.open(str(p), mode="r")
+        except Exception as exc:  # noqa: BLE001 (any zarr failure is a bad input here)
+            raise CLIError(f"{what} {path} is not a zarr array ({exc})") from None
+        if not hasattr(array, "shape"):
+            raise CLIError(f"{what} {path} is a zarr group, not an array; give the array's path")
+        return array
+    import numpy as np
+    import tifffile
+    from skimage import io as skio
+
+    data = tifffile.imread(p) if p.suffix.lower() in (".tif", ".tiff") else skio.imread(p)
+    return np.asarray(data)
+
+
+def _finetune_inputs(args) -> dict:
+    """Image, labels, model labels, support, reviewed rectangles and normalisation from the args."""
+    from .core.finetune_data import run_normalization
+    from .core.io import open_image
+    from .core.rerun import model_labels as stored_model_labels
+    from .core.store import OutputStore, is_engine_store
+
+    if not (args.weights and args.image and args.labels):
+        raise CLIError("finetune needs --weights, --image and --labels (or --versions MODEL)")
+    inputs = {"normalization": None, "model_labels": None, "support": None}
+    if is_engine_store(args.labels):
+        store = OutputStore.open(args.labels, mode="r")
+        inputs["labels"] = store.labels()
+        inputs["model_labels"] = stored_model_labels(store)
+        inputs["normalization"] = run_normalization(store.attrs.get("run", {}))
+    else:
+        inputs["labels"] = _read_label_file(args.labels, "--labels")
+    if args.model_labels:
+        inputs["model_labels"] = _read_label_file(args.model_labels, "--model-labels")
+    if args.support:
+        inputs["support"] = _read_label_file(args.support, "--support")
+    boxes = [parse_region(text) for text in args.reviewed]
+    inputs["reviewed"] = [[(y0, x0), (y0, x1), (y1, x1), (y1, x0)] for y0, y1, x0, x1 in boxes]
+    image = Path(args.image)
+    if not image.exists():
+        raise CLIError(f"--image {args.image} does not exist")
+    if image.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+        from skimage import io as skio
+
+        inputs["image"] = open_image(skio.imread(image))
+    else:
+        inputs["image"] = open_image(image)
+    return inputs
+
+
 def run_finetune(args) -> None:
-    _not_yet("finetune", 7)
+    """Fine-tune weights on corrected labels into a new version (never modifying the parent)."""
+    import dataclasses
+
+    from .core import versions
+
+    if args.versions:
+        from .core.resources import starter_weights
+
+        starter = starter_weights(args.versions)
+        print(versions.format_tree(args.versions, extra=[starter] if starter else []))
+        return
+    from .core.finetune import FinetuneSettings, finetune_job
+    from .core.progress import drain
+
+    inputs = _finetune_inputs(args)
+    overrides = {"steps": args.steps, "time_budget_s": args.time_budget, "lr": args.lr,
+                 "crop": args.crop, "device": args.device}
+    settings = dataclasses.replace(FinetuneSettings(),
+                                   **{k: v for k, v in overrides.items() if v is not None})
+    if args.no_replay:
+        settings = dataclasses.replace(settings, replay=None, replay_batch=0)
+    if args.out and Path(args.out).with_name(Path(args.out).name + ".safetensors").exists():
+        raise CLIError(f"{args.out}.safetensors already exists; choose another --out")
+    bar = TerminalProgress()
+    result = drain(finetune_job(args.weights, inputs["image"], inputs["labels"], inputs["model_labels"],
+                                reviewed=inputs["reviewed"], support=inputs["support"],
+                                normalization=inputs["normalization"], settings=settings,
+                                out=args.out), bar)
+    bar.close()
+    info = result.card["finetune"]
+    if args.adopt:
+        versions.adopt(result.card["architecture"], result.version.id if result.version else result.path)
+    print(json.dumps({
+        "weights": str(result.path) + ".safetensors", "version": result.card.get("version"),
+        "parent": result.card["parent"], "edits": info["edits"]["counts"],
+        "windows": info["windows"], "holdout_windows": info["holdout_windows"],
+        "steps": result.steps, "stopped": result.stopped, "time_s": round(result.seconds, 1),
+        "heldout_loss": info["heldout_loss"], "edit_loss": result.edit_loss,
+        "adopted": bool(args.adopt), "warnings": result.warnings}, indent=2))
 
 
 def run_train(args) -> None:
@@ -138,18 +234,98 @@ def run_train(args) -> None:
     if not args.resume and out.with_name(out.name + ".safetensors").exists():
         raise CLIError(f"{out}.safetensors already exists; choose another --out")
     bar = TerminalProgress()
-    card = drain(train(recipe, args.data, out, device=args.device, resume=args.resume), bar)
+    card = drain(train(recipe, args.data, out, device=args.device, resume=args.resume, init=args.init), bar)
     bar.close()
     print(json.dumps({"weights": str(out) + ".safetensors", "time_s": card["training"]["time_s"],
                       "validation": card["metrics"]["validation"].get("mean", {})}, indent=2))
 
 
+def _evaluation_samples(args, card: dict):
+    from .core.datasets import Sample, load_folder, read_image_chw
+
+    if args.data:
+        samples = load_folder(args.data)
+        if args.split == "val":
+            val_ids = set(card.get("training", {}).get("val_ids", []))
+            if not val_ids:
+                raise CLIError("--split val needs weights whose card lists val_ids (trained by napari-medseg)")
+            samples = [s for s in samples if s.id in val_ids]
+        return samples
+    if not (args.images and args.labels):
+        raise CLIError("give --images and --labels folders, or --data")
+    images, labels = Path(args.images), Path(args.labels)
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise CLIError(f"folder {folder} does not exist")
+    import tifffile
+    from skimage import io as skio
+
+    samples = []
+    for label_path in sorted(labels.iterdir()):
+        matches = [p for p in images.iterdir() if p.stem == label_path.stem]
+        if not matches:
+            continue
+        raw = (tifffile.imread(label_path) if label_path.suffix.lower() in (".tif", ".tiff")
+               else skio.imread(label_path))
+        kind = "semantic" if card.get("task") == "semantic" else "instances"
+        gt = (raw > 0).astype("int32") if kind == "semantic" else raw.astype("int32")
+        samples.append(Sample(label_path.stem, read_image_chw(matches[0]), gt, kind))
+    if not samples:
+        raise CLIError(f"no image in {images} has a label file with the same name in {labels}")
+    return samples
+
+
 def run_evaluate(args) -> None:
-    _not_yet("evaluate", 6)
+    """Score weights on labelled images: Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5."""
+    from .core.pipeline import load_model
+    from .core.validation import evaluate_samples
+
+    if not (args.model or args.weights):
+        raise CLIError("give --weights (or --model to use its bundled starter weights)")
+    model_name = args.model
+    if model_name is None:
+        from src_models import read_card
+
+        model_name = read_card(args.weights)["architecture"]
+    model, card = load_model(model_name, args.weights, args.device)
+    samples = _evaluation_samples(args, card)
+    result = evaluate_samples(model, samples, card=card)
+    result["weights"] = card.get("weights_path") or args.weights
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    metrics = list(result["mean"])
+    print("| image | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    for row in result["per_image"]:
+        print(f"| {row['name'][:24]} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
+    print(f"| **mean of {result['n_images']}** | " + " | ".join(f"{result['mean'][m]:.3f}" for m in metrics) + " |")
+    for modality, scores in result["by_modality"].items():
+        print(f"| {modality} ({scores['n_images']}) | " + " | ".join(f"{scores[m]:.3f}" for m in metrics) + " |")
 
 
 def run_export(args) -> None:
-    _not_yet("export", 8)
+    """Export labels (output store or label image) to TIFF, OME-TIFF, GeoJSON or CSV."""
+    from .core.progress import drain
+    from .export_job import ExportRequest, export_job, format_for_path
+
+    if not Path(args.labels).exists():
+        raise CLIError(f"labels {args.labels} do not exist")
+    if args.image and not Path(args.image).exists():
+        raise CLIError(f"--image {args.image} does not exist")
+    fmt = args.format or format_for_path(args.output)
+    request = ExportRequest(args.labels, Path(args.output), fmt, overwrite=args.overwrite,
+                            image=args.image, pixel_size=args.pixel_size, relabel=args.relabel)
+    bar = TerminalProgress()
+    try:
+        result = drain(export_job(request), bar)
+    finally:
+        bar.close()
+    for warning in result.warnings:
+        print(f"napari-medseg: warning: {warning}", file=sys.stderr)
+    print(json.dumps({"output": str(result.path), "format": result.format, "objects": result.objects,
+                      "max_label": result.max_label, "dtype": result.dtype,
+                      "warnings": list(result.warnings)}, indent=2))
 
 
 def run_bench(args) -> None:

@@ -35,7 +35,7 @@ METADATA_KEY = "medseg"
 # Display of each map kind (MapSpec.kind): name prefix, colormap, blending, opacity.
 KIND_STYLE = {
     "probability": ("probability", "green", "additive", 0.8),
-    "uncertainty": ("uncertainty", "inferno", "additive", 0.8),
+    "uncertainty": ("uncertainty", "inferno", "additive", 0.6),
     "background": ("DSRA", "cyan", "additive", 0.8),
     "attention": ("attention", "turbo", "translucent", 0.6),
 }
@@ -291,7 +291,16 @@ def show_run(viewer, image_layer, store: OutputStore | str | Path) -> list:
 
     A layer of the same name keeps its place in the layer list, its visibility and opacity;
     layers of the earlier run that this run does not produce are removed; new layers go right
-    above the image, labels on top. Returns the run's layers.
+    above the image, labels last. Returns the run's layers.
+    """
+    return list(dict.fromkeys(show_run_steps(viewer, image_layer, store)))
+
+
+def show_run_steps(viewer, image_layer, store: OutputStore | str | Path):
+    """:func:`show_run` in small steps, so a GUI can return to its event loop between them.
+
+    Yields each layer right after adding it hidden (napari then sets up its drawing, a few
+    hundred ms, without reading data), and once more after showing it (reading what is in view).
     """
     from napari.layers import Layer
 
@@ -300,20 +309,22 @@ def show_run(viewer, image_layer, store: OutputStore | str | Path) -> list:
     tuples = run_layers(store, image_layer.name, scale=scale, translate=translate)
     old = {layer.name: layer for layer in run_layers_of(viewer, image_layer.name)}
     position = viewer.layers.index(image_layer) + 1
-    added = []
     for data, meta, kind in tuples:
         previous = old.pop(meta["name"], None)
-        if previous is not None:
+        if previous is not None and previous in viewer.layers:
             meta = {**meta, "visible": previous.visible, "opacity": previous.opacity}
             position = viewer.layers.index(previous)
             viewer.layers.remove(previous)
-        layer = Layer.create(data, meta, kind)
-        viewer.layers.insert(position, layer)
+        layer = Layer.create(data, {**meta, "visible": False}, kind)
+        viewer.layers.insert(min(position, len(viewer.layers)), layer)
         position = viewer.layers.index(layer) + 1
-        added.append(layer)
+        yield layer
+        if meta.get("visible", True):
+            layer.visible = True
+            yield layer
     for stale in old.values():
-        viewer.layers.remove(stale)
-    return added
+        if stale in viewer.layers:
+            viewer.layers.remove(stale)
 
 
 def refresh_layers(layers, labels: bool = True) -> None:

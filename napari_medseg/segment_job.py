@@ -78,6 +78,8 @@ def segment_job(request: SegmentRequest) -> JobGenerator[JobOutcome]:
     started = time.perf_counter()
     name = request.model_name
     yield Progress("loading", 0, 0, f"loading {name} weights")
+    # napari's Labels layer imports pandas (about 1 s) when the GUI adds it: do it here instead.
+    import pandas  # noqa: F401
     model, card = load_model(name, request.weights, request.settings.device)
     yield Progress("preparing", 0, 0, "sampling image statistics, preparing the output")
     job, first, replaced = _start(request, model, card)

@@ -99,7 +99,7 @@ def focal_tversky_loss(probs, target_onehot, valid=None, w_fn=0.7, w_fp=0.3, gam
     fn = ((1 - p) * y).sum(dims)
     fp = (p * (1 - y) * mask).sum(dims)
     tversky = (tp + smooth) / (tp + w_fn * fn + w_fp * fp + smooth)
-    return ((1 - tversky).clamp_min(0) ** gamma_exponent).mean()
+    return ((1 - tversky).clamp_min(1e-6) ** gamma_exponent).mean()
 
 
 def targets_valid(targets: dict) -> torch.Tensor | None:

@@ -33,14 +33,10 @@ def shared_data() -> Path:
 def save_screenshot(viewer, name: str) -> Path:
     """Save a screenshot of the whole napari window (with docks) into tests/screenshots/."""
     from qtpy.QtWidgets import QApplication
-    from skimage import io
 
     for _ in range(5):
         QApplication.processEvents()
     SCREENSHOTS.mkdir(exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    image = viewer.window._qt_window.grab().toImage()
-    from napari._qt.utils import qimage_to_array
-
-    io.imsave(path, qimage_to_array(image), check_contrast=False)
+    viewer.screenshot(path=str(path), canvas_only=False, flash=False)
     return path

@@ -5,7 +5,7 @@ import pytest
 
 from napari_medseg.core.samples import load_sample
 
-from .conftest import save_screenshot
+from conftest import save_screenshot
 
 pytestmark = pytest.mark.gui
 

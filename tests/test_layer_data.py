@@ -284,3 +284,22 @@ def test_weights_choices_list_user_files_for_the_right_model(tmp_path):
     assert "file: mine" in labels and labels[-1] == "random weights (untrained)"
     assert "my slides" in choices[labels.index("file: mine")].description
     assert "file: mine" not in [c.label for c in widget_state.weights_choices("vunet", [str(tmp_path / "mine")])]
+
+
+def test_modules_import_without_qt_or_napari():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui',"
+        " 'napari', 'vispy'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import napari_medseg.layer_data, napari_medseg.review, napari_medseg.segment_job, "
+        "napari_medseg.widget_state, napari_medseg._reader\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr

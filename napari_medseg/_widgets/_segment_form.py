@@ -65,15 +65,7 @@ class SegmentForm(QWidget):
         self.area.addItem("whole image", "whole")
         self.area.addItem("current view only", "view")
         form.addRow("Area", self.area)
-        self.output = QLineEdit(placeholderText="next to the image file, else ~/napari-medseg",
-                                toolTip="Folder for the output zarr (<image>.<model>.medseg.zarr). "
-                                        "Empty: next to the image file, else ~/napari-medseg")
-        browse = QToolButton(text="…", toolTip="Choose the output folder")
-        browse.clicked.connect(self._choose_output)
-        row = QHBoxLayout()
-        row.addWidget(self.output)
-        row.addWidget(browse)
-        form.addRow("Output", row)
+        form.addRow("Output", self._output_row())
         self._fill_devices()
         self._restore()
         self.model.currentIndexChanged.connect(self._on_model)
@@ -192,6 +184,17 @@ class SegmentForm(QWidget):
         self.fill_weights(select=stem)
         self.changed.emit()
         return None
+
+    def _output_row(self) -> QHBoxLayout:
+        self.output = QLineEdit(placeholderText="next to the image file, else ~/napari-medseg",
+                                toolTip="Folder for the output zarr (<image>.<model>.medseg.zarr). "
+                                        "Empty: next to the image file, else ~/napari-medseg")
+        browse = QToolButton(text="…", toolTip="Choose the output folder")
+        browse.clicked.connect(self._choose_output)
+        row = QHBoxLayout()
+        row.addWidget(self.output)
+        row.addWidget(browse)
+        return row
 
     def _choose_output(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Output folder",

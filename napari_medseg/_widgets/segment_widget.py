@@ -13,22 +13,23 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtGui import QKeySequence
-from qtpy.QtWidgets import (QGroupBox, QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton,
-                            QShortcut, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QShortcut,
+                            QVBoxLayout, QWidget)
 
 from ..core.inference_plan import InferenceSettings
 from ..core.store import OutputStore
-from ..layer_data import medseg_info, refresh_layers, run_layers_of, show_run
-from ..review import (camera, edited_region, object_view, ranked_objects, record_label_edit,
-                      uncertainty_source, view_region)
+from ..layer_data import medseg_info, refresh_layers, run_layers_of, show_run_steps
+from ..review import edited_region, record_label_edit, uncertainty_source, view_region
 from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_output_path,
                            image_source_from_layer, output_path, segment_job, SegmentRequest)
 from ..widget_state import load_state, save_state
+from ._review_panel import ReviewPanel
 from ._segment_form import MODEL_TITLES, SegmentForm
 from ._worker import start_job, update_progress_bar
 
 RUN_KEYS, CANCEL_KEYS, NEXT_KEYS = "Ctrl+Shift+R", "Ctrl+Shift+X", "Ctrl+Shift+U"
 REFRESH_MS = 400          # at most one re-read of the shown layers per this interval during a run
+BAR_MS = 250              # at most one update of napari's progress bar per this interval
 STAGES = {"loading": "Loading weights", "preparing": "Preparing", "tiles": "Segmenting tiles",
           "instances": "Finding objects", "objects": "Measuring objects"}
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MemoryError, RuntimeError)
@@ -42,7 +43,8 @@ class SegmentWidget(QWidget):
             ``superblock``, ``batch_size``), for scripts and tests.
         outcome: the last run's :class:`~napari_medseg.segment_job.JobOutcome` (None if it was
             cancelled or failed).
-        run_finished: emitted on the GUI thread after the worker's ``finished``, with ``outcome``.
+        run_finished: emitted on the GUI thread once the worker has finished and the run's layers
+            are all shown, with ``outcome``.
     """
 
     run_finished = Signal(object)
@@ -58,10 +60,19 @@ class SegmentWidget(QWidget):
         self._image_name = ""
         self._next_request = None
         self._time_left = TimeLeft()
-        self._review_rank = -1
         self._refresh_labels = False
         self._refresh_timer = QTimer(self, singleShot=True, interval=REFRESH_MS)
         self._refresh_timer.timeout.connect(self._refresh_now)
+        self._shown = False       # this run's layers are (being) added
+        self._adding = None       # layers still to add, one per event-loop turn
+        self._add_timer = QTimer(self, interval=10)
+        self._add_timer.timeout.connect(self._add_next_layer)
+        # napari's activity-dock progress bar runs processEvents() on every update: update it
+        # at most every BAR_MS and never re-enter the layer steps from inside that call.
+        self._last_record = None
+        self._in_bar_update = False
+        self._bar_timer = QTimer(self, singleShot=True, interval=BAR_MS)
+        self._bar_timer.timeout.connect(self._update_napari_bar)
         self.form = SegmentForm(load_state(), self)
         self._build()
         self.viewer.layers.events.inserted.connect(self._fill_images)
@@ -90,23 +101,17 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.progress)
         self.status = QLabel("Choose an image and a model, then press Run.", wordWrap=True)
         layout.addWidget(self.status)
-        review = QGroupBox("Review")
-        inner = QVBoxLayout(review)
-        self.next_button = QPushButton(
-            "Next most uncertain object",
-            toolTip=f"Jump to the object with the next highest mean uncertainty ({NEXT_KEYS}); "
-                    "per-object values are in the labels layer's features")
-        self.next_button.clicked.connect(self.next_uncertain_object)
-        self.review_label = QLabel("", wordWrap=True)
-        inner.addWidget(self.next_button)
-        inner.addWidget(self.review_label)
-        layout.addWidget(review)
+        self.review = ReviewPanel(self.viewer, self._labels_layer, NEXT_KEYS, self)
+        self.next_button, self.review_label = self.review.next_button, self.review.label
+        layout.addWidget(self.review)
         layout.addStretch(1)
         for keys, slot in ((RUN_KEYS, self.run), (CANCEL_KEYS, self.cancel),
                            (NEXT_KEYS, self.next_uncertain_object)):
             QShortcut(QKeySequence(keys), self, activated=slot)
 
     def _fill_images(self, *_) -> None:
+        for layer in self.viewer.layers:     # renaming a layer renames it in the picker
+            layer.events.name.connect(self._fill_images)
         combo, current = self.form.image, self.form.image.currentText()
         names = [layer.name for layer in self.viewer.layers
                  if isinstance(layer, Image) and "map" not in (medseg_info(layer) or {})]
@@ -169,6 +174,7 @@ class SegmentWidget(QWidget):
         self.outcome = None
         self._image_name = self.form.image.currentText()
         self._layers = []
+        self._shown = False
         self._time_left = TimeLeft()
         title = MODEL_TITLES.get(request.model_name, request.model_name)
         self.worker = start_job(segment_job, request, f"MedSeg: {title} on {self._image_name}", {
@@ -182,7 +188,7 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ worker callbacks (GUI thread)
     def _on_progress(self, record) -> None:
-        if record.stage in ("tiles", "instances", "objects") and not self._layers:
+        if record.stage in ("tiles", "instances", "objects"):
             self._show_layers()
         if record.total:
             self.progress.setMaximum(1000)
@@ -194,38 +200,19 @@ class SegmentWidget(QWidget):
         left = format_seconds(self._time_left.update(record))
         self.status.setText(f"{stage}{counts}" + (f" · {left}" if left else "")
                             + (f"\n{record.message}" if record.message else ""))
-        update_progress_bar(self.worker, record.done, record.total, f"MedSeg: {stage}")
-        if record.region is not None and self._layers:
+        self._last_record = record
+        if not self._bar_timer.isActive():
+            self._bar_timer.start()
+        if record.region is not None:
             self._refresh_labels |= record.stage == "instances"
             if not self._refresh_timer.isActive():
                 self._refresh_timer.start()
 
     def _on_returned(self, outcome) -> None:
         self.outcome = outcome
-        if not self._layers:
-            self._show_layers()
-        self._refresh_labels = True
-        self._refresh_now()
-        labels = self._labels_layer()
-        if labels is not None and outcome.objects is not None:
-            labels.features = outcome.objects
-            labels.metadata["medseg"]["uncertainty"] = uncertainty_source(
-                OutputStore.open(outcome.output, mode="r"))[1]
-            self._review_rank = -1
-        result = outcome.result
         self.progress.setMaximum(1000)
         self.progress.setValue(1000)
-        objects = len(outcome.objects) if outcome.objects is not None else result.objects
-        if result.maps.blocks_run == 0 and result.maps.blocks_resumed:
-            text = f"Already segmented (your edits are kept): {objects} objects. Output: {outcome.output}"
-        else:
-            replaced = " (replacing an earlier output made with other settings)" if outcome.replaced else ""
-            text = (f"Done in {outcome.seconds:.0f} s on {result.maps.device}: {objects} objects, "
-                    f"labels {result.labels_status}. Output: {outcome.output}{replaced}")
-        self.status.setText(text)
-        show_info(f"MedSeg: {text}")
-        for warning in result.maps.warnings:
-            show_warning(f"MedSeg: {warning}")
+        self._show_layers()
 
     def _on_error(self, exc: Exception) -> None:
         self.progress.setMaximum(1000)
@@ -243,25 +230,54 @@ class SegmentWidget(QWidget):
         show_error(f"MedSeg segmentation failed: {message}")
 
     def _on_aborted(self) -> None:
-        store = OutputStore.open(self.request.output, mode="r") if self._layers else None
         kept = ""
-        if store is not None:
-            maps = store.status("maps")
+        if self._shown:
+            maps = OutputStore.open(self.request.output, mode="r").status("maps")
             kept = f" {maps['chunks_done']} of {maps['chunks_total']} chunks are kept;"
         self.status.setText(f"Cancelled.{kept} press Run to resume.")
         self._refresh_labels = True
-        self._refresh_now()
 
     def _on_finished(self) -> None:
         self.worker = None
-        self.form.set_running(False)
-        self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         request, self._next_request = self._next_request, None
         if request is not None:
             self._start(request)
         else:
-            self.run_finished.emit(self.outcome)
+            self._finish_when_shown()
+
+    def _finish_when_shown(self) -> None:
+        """After the worker and the layer additions are both done: final refresh, features,
+        summary, controls back, ``run_finished``."""
+        if self.worker is not None or self._adding is not None:
+            return
+        self._refresh_labels = True
+        self._refresh_now()
+        if self.outcome is not None:
+            self._report(self.outcome)
+        self.form.set_running(False)
+        self.run_button.setEnabled(True)
+        self.run_finished.emit(self.outcome)
+
+    def _report(self, outcome) -> None:
+        labels = self._labels_layer()
+        if labels is not None and outcome.objects is not None:
+            labels.features = outcome.objects
+            labels.metadata["medseg"]["uncertainty"] = uncertainty_source(
+                OutputStore.open(outcome.output, mode="r"))[1]
+            self.review.reset()
+        result = outcome.result
+        objects = len(outcome.objects) if outcome.objects is not None else result.objects
+        if result.maps.blocks_run == 0 and result.maps.blocks_resumed:
+            text = f"Already segmented (your edits are kept): {objects} objects. Output: {outcome.output}"
+        else:
+            replaced = " (replacing an earlier output made with other settings)" if outcome.replaced else ""
+            text = (f"Done in {outcome.seconds:.0f} s on {result.maps.device}: {objects} objects, "
+                    f"labels {result.labels_status}. Output: {outcome.output}{replaced}")
+        self.status.setText(text)
+        show_info(f"MedSeg: {text}")
+        for warning in result.maps.warnings:
+            show_warning(f"MedSeg: {warning}")
 
     def ask_about_edited_output(self, error: EditedOutputError) -> str | None:
         """Ask what to do with an output holding hand-edited labels: ``"new"``, ``"replace"`` or
@@ -277,19 +293,51 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _show_layers(self) -> None:
-        if self._image_name not in self.viewer.layers:
+        """Start adding the run's layers, one per event-loop turn (once per run)."""
+        if self._shown or self._image_name not in self.viewer.layers:
             return
+        self._shown = True
         image = self.viewer.layers[self._image_name]
-        store = OutputStore.open(self.request.output)
-        self._layers = show_run(self.viewer, image, store)
-        labels = self._labels_layer()
-        if labels is not None:
-            labels.events.paint.connect(self._on_paint)
-            if not medseg_info(labels).get("editable", True):
+        self._adding = show_run_steps(self.viewer, image, OutputStore.open(self.request.output))
+        self._add_timer.start()
+
+    def _update_napari_bar(self) -> None:
+        record = self._last_record
+        if self.worker is None or record is None:
+            return
+        self._in_bar_update = True
+        try:
+            update_progress_bar(self.worker, record.done, record.total,
+                                f"MedSeg: {STAGES.get(record.stage, record.stage)}")
+        finally:
+            self._in_bar_update = False
+
+    def _add_next_layer(self) -> None:
+        if self._in_bar_update:
+            return
+        try:
+            layer = next(self._adding)
+        except StopIteration:
+            self._add_timer.stop()
+            self._adding = None
+            self._refresh_now()
+            self._finish_when_shown()
+            return
+        if layer in self._layers:
+            return   # the second step of a layer: it was just made visible
+        self._layers.append(layer)
+        if isinstance(layer, Labels):
+            layer.events.paint.connect(self._on_paint)
+            if not medseg_info(layer).get("editable", True):
                 show_info("MedSeg: the labels of an image this large are shown read-only "
                           "(napari cannot paint on multiscale labels)")
 
     def _refresh_now(self) -> None:
+        if self._in_bar_update:
+            self._refresh_timer.start()
+            return
+        if self._adding is not None:
+            return   # the layers still being added read fresh data anyway
         layers = [layer for layer in self._layers if layer in self.viewer.layers]
         refresh_layers(layers, labels=self._refresh_labels)
         self._refresh_labels = False
@@ -309,28 +357,11 @@ class SegmentWidget(QWidget):
         except (OSError, ValueError) as exc:
             show_warning(f"MedSeg: the edit is on screen but could not be recorded: {exc}")
 
-    # ------------------------------------------------------------------ review
     def next_uncertain_object(self) -> None:
         """Centre the view on the object with the next highest mean uncertainty and select it."""
         if self.worker is None:
             self._image_name = self.form.image.currentText()
-        labels = self._labels_layer()
-        order = ranked_objects(labels.features if labels is not None else None)
-        if not len(order):
-            self.review_label.setText("No per-object uncertainty yet: run a segmentation first.")
-            return
-        self._review_rank = (self._review_rank + 1) % len(order)
-        row = labels.features.iloc[int(order[self._review_rank])]
-        (y, x), zoom = object_view(row, labels, self.viewer.canvas.size)
-        view = camera(self.viewer)
-        view.center = (*view.center[:-2], y, x)
-        view.zoom = zoom
-        labels.selected_label = int(row["index"])
-        self.viewer.layers.selection.active = labels
-        source = medseg_info(labels).get("uncertainty", "mean uncertainty")
-        self.review_label.setText(
-            f"Object {self._review_rank + 1} of {len(order)}: label {int(row['index'])}, "
-            f"{source} {row['uncertainty']:.3f}, {int(row['area'])} px")
+        self.review.next_object()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         if self.worker is not None:

@@ -9,8 +9,9 @@ runs one probe and writes its result as JSON next to the spec. Two probes:
 * ``"monai"``: MONAI ``sliding_window_inference`` with the same network, window and stride on the
   same image held in memory (what MONAI needs: the whole input, output and count map in RAM).
 
-Each child reports its wall time, the peak RSS of the whole run (``ru_maxrss``) and the peak RSS
-right after imports and model construction (``baseline``), so the engine's own share is visible.
+Each child reports its wall time, the peak RSS of the whole process (:func:`peak_rss_bytes`) and
+the peak right after imports and model construction (``baseline``), so the engine's own share is
+visible.
 """
 from __future__ import annotations
 
@@ -28,7 +29,18 @@ class ProbeError(RuntimeError):
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size so far, in bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's own address
+    space. Not ``ru_maxrss``: Linux carries the parent's RSS at fork over ``exec`` into the child's
+    ``ru_maxrss``, so a child started by a big parent would report the parent's size.
+    Elsewhere: ``ru_maxrss`` (bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -60,12 +72,18 @@ def engine_probe(spec: dict) -> dict:
     """Segment ``spec["image"]`` into ``spec["output"]`` with default settings on the CPU.
 
     Spec keys: ``image`` (zarr path), ``output`` (new zarr path), ``model`` (registry name).
+    The model's receptive field (which sets the crop halo) is measured before the timed call and
+    reported as ``receptive_seconds``: MONAI is handed the resulting window for free.
     """
     from .inference import InferenceSettings, segment
     from .pipeline import load_model
     from .progress import drain
+    from .tiling import default_tile_settings
 
     model, card = load_model(spec["model"], "random", "cpu")
+    started = time.perf_counter()
+    default_tile_settings(model, card)   # measures the receptive field once (cached per process)
+    receptive_seconds = time.perf_counter() - started
     baseline = peak_rss_bytes()
     settings = InferenceSettings(device="cpu")
     result = drain(segment(spec["image"], model, card, spec["output"], settings))
@@ -75,7 +93,8 @@ def engine_probe(spec: dict) -> dict:
             "tiles_skipped": result.tiles_skipped, "blocks": result.blocks_run,
             "status": result.status, "normalization": result.normalization,
             "tile_mode": result.tiles.mode, "tile": result.tiles.tile, "overlap": result.tiles.overlap,
-            "peak_rss": peak_rss_bytes(), "baseline_rss": baseline}
+            "receptive_seconds": receptive_seconds, "peak_rss": peak_rss_bytes(),
+            "baseline_rss": baseline}
 
 
 def monai_window(tile_mode: str, tile: int, overlap: int) -> tuple[int, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src_models import create_model, save_weights
+from src_models import create_model, load_weights, save_weights
 
 from .augment import TrainItem, sample_batch
 from .checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
@@ -75,6 +75,42 @@ def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
     return groups
 
 
+def train_step(network, loss_fn, optimizer, batch: dict, grad_clip: float, make_input=None,
+               scaler: "torch.amp.GradScaler | None" = None) -> dict[str, float]:
+    """One optimiser step on one batch (shared by training and fine-tuning).
+
+    Args:
+        network: the model, in training mode, on the batch's device.
+        loss_fn: ``loss(outputs, batch) -> {"loss": scalar, ...terms}``.
+        optimizer: its optimiser.
+        batch: ``{"image", "labels", "valid"}`` tensors (see :func:`.augment.sample_batch`).
+        grad_clip: maximum gradient norm.
+        make_input: optional ``batch -> network input`` (e.g. ReSeg-UNet's reconstruction stage).
+        scaler: a CUDA ``GradScaler``: run the forward pass under float16 autocast (mixed precision).
+
+    Returns:
+        Every loss term as a float.
+    """
+    inputs = make_input(batch) if make_input else batch["image"]
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
+    if scaler is None:
+        terms = loss_fn(network(inputs), batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+        optimizer.step()
+    else:
+        with torch.autocast(device_type=inputs.device.type, dtype=torch.float16):
+            terms = loss_fn(network(inputs), batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
 def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step, total_steps,
                started, elapsed_before, make_input=None, checkpoint=None) -> JobGenerator[int]:
     """Optimise ``network`` for ``total_steps``; yields one Progress per step; returns steps done."""
@@ -91,15 +127,8 @@ def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step
         if hasattr(loss_fn, "kl_weight_scale"):
             loss_fn.kl_weight_scale = min(1.0, progress / max(recipe.kl_warmup_fraction, 1e-6))
         batch = sample_batch(items, recipe.batch, recipe.crop, rng)
-        inputs = make_input(batch) if make_input else batch["image"]
-        outputs = network(inputs.contiguous(memory_format=torch.channels_last))
-        terms = loss_fn(outputs, batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), recipe.grad_clip)
-        optimizer.step()
+        metrics = train_step(network, loss_fn, optimizer, batch, recipe.grad_clip, make_input)
         step += 1
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
         yield Progress(name, step, total_steps, f"{name} step {step}/{total_steps} loss {metrics['loss']:.4f}",
                        metrics)
         if checkpoint and step % recipe.checkpoint_every == 0:
@@ -108,8 +137,13 @@ def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step
 
 
 def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "auto",
-          resume: bool = False, data_name: str | None = None) -> JobGenerator[dict]:
+          resume: bool = False, data_name: str | None = None,
+          init: str | Path | None = None) -> JobGenerator[dict]:
     """Train ``recipe.model`` on ``data_dir`` and write weights to ``out``.
+
+    Args:
+        init: weights to start from (same architecture and config) instead of random
+            initialisation, e.g. to continue training starter weights; recorded in the card.
 
     Yields:
         Progress per optimiser step (stage ``"pretrain"`` then ``"train"``), then ``"validate"``.
@@ -127,6 +161,13 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
     items = make_items(train_samples, recipe)
     model = create_model(recipe.model, recipe.preset, in_channels=recipe.in_channels,
                          num_classes=recipe.num_classes).to(dev).to(memory_format=torch.channels_last)
+    init_card = None
+    if init is not None:
+        start, init_card = load_weights(init, dev, expect_architecture=recipe.model)
+        if start.config != model.config:
+            raise ValueError(f"--init weights {init} have another config than the recipe's "
+                             f"{recipe.model} {recipe.preset}; start from matching weights")
+        model.load_state_dict(start.state_dict())
     stage = model.pretrain_stage()
     optimizer = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr, weight_decay=recipe.weight_decay)
     modules = {"model": model}
@@ -192,7 +233,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "torch": torch.__version__,
         },
         "metrics": {"validation": metrics},
-        "parent": None,
+        "parent": init_card and {"sha256": init_card["sha256"], "version": init_card.get("version")},
         "version": f"{recipe.model}-{recipe.preset}-{data_name}",
     }
     card = save_weights(model.cpu(), out, card, half=True, overwrite=True)
