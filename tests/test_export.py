@@ -416,6 +416,17 @@ def test_cli_export_each_format(tmp_path, store, fmt, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_cli_export_relabel_and_pixel_size(tmp_path, labels, capsys):
+    tifffile.imwrite(tmp_path / "in.tif", labels * 1000)
+    out = tmp_path / "out.ome.tif"
+    assert cli.main(["export", str(tmp_path / "in.tif"), "-o", str(out), "--relabel",
+                     "--pixel-size", "0.25"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "ome-tiff"
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].dtype == np.uint16 and 'PhysicalSizeX="0.25"' in tif.ome_metadata
+        assert tif.pages[0].asarray().max() == len(np.unique(labels)) - 1
+
+
 def test_cli_export_refuses_float_labels_in_one_line(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "f.tif", np.ones((20, 20), np.float32))
     assert cli.main(["export", str(tmp_path / "f.tif"), "-o", str(tmp_path / "o.tif")]) == 2

@@ -80,6 +80,10 @@ def test_widget_exports_a_store_from_disk(make_napari_viewer, qtbot, tmp_path):
         np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), labels)
     SCREENSHOTS.mkdir(exist_ok=True)
     viewer.screenshot(str(SCREENSHOTS / "export_widget.png"), canvas_only=False)
+    choose(widget.format, "tiff")
+    widget.relabel.setChecked(True)
+    result = export_and_wait(widget, qtbot)
+    assert tifffile.imread(result.path).max() == result.max_label == len(np.unique(labels)) - 1
 
 
 def test_widget_cancel_and_existing_file(make_napari_viewer, qtbot, tmp_path):

@@ -72,8 +72,8 @@ def export_labels(labels, path, fmt: str = "tiff", *, overwrite: bool = False, i
         image: intensity image for ``mean_intensity`` (tables, GeoJSON): a path, an
             :class:`~napari_medseg.core.io.ImageSource` or an array of the labels' ``(H, W)``.
         pixel_size: physical pixel size in micrometres overriding what the labels carry.
-        options: keywords of the format's exporter: ``relabel`` and ``block`` (all), ``tile``,
-            ``smallest`` (TIFFs), ``classification`` (GeoJSON).
+        options: keywords of the format's exporter: ``relabel`` and ``block`` (all), ``tile``
+            (TIFFs), ``smallest`` (OME-TIFF), ``classification`` (GeoJSON).
 
     Yields:
         :class:`Progress` records. Returns an :class:`ExportResult`.
