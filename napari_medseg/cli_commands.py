@@ -329,9 +329,15 @@ def run_export(args) -> None:
 
 
 def run_bench(args) -> None:
-    """Benchmarks that print a markdown table (only ``tiling`` in this version)."""
+    """Benchmarks that print a markdown table (``tiling`` and ``models``; ``finetune`` not yet)."""
+    if args.which == "models":
+        from .core.bench_models import format_table as model_table_text
+        from .core.bench_models import model_table
+
+        print(model_table_text(model_table(speed=not args.quick)))
+        return
     if args.which != "tiling":
-        _not_yet(f"bench {args.which}", 4)
+        _not_yet(f"bench {args.which}", 7)
     from .core.bench_tiling import BenchConfig, format_table, run_tiling_bench
 
     def ints(text):
