@@ -35,6 +35,7 @@ class Recipe:
     checkpoint_every: int = 100
     time_budget_s: float | None = None
     kl_warmup_fraction: float = 0.1   # V-UNet: KL weight ramps 0 → 1 over this share of training
+    model_overrides: dict = field(default_factory=dict)  # model config fields, e.g. {"ce_weight": 0.5}
     modality_weights: dict = field(default_factory=lambda: {
         "fluorescence": 1.0, "histology_color": 2.5, "brightfield_gray": 4.0})
 

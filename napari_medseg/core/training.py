@@ -160,7 +160,8 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
     train_samples, val_samples = split(samples, recipe.val_split)
     items = make_items(train_samples, recipe)
     model = create_model(recipe.model, recipe.preset, in_channels=recipe.in_channels,
-                         num_classes=recipe.num_classes).to(dev).to(memory_format=torch.channels_last)
+                         num_classes=recipe.num_classes,
+                         **recipe.model_overrides).to(dev).to(memory_format=torch.channels_last)
     init_card = None
     if init is not None:
         start, init_card = load_weights(init, dev, expect_architecture=recipe.model)
@@ -192,21 +193,24 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
 
     if stage is not None:
         budget = recipe.time_budget_s and recipe.time_budget_s * recipe.pretrain_time_fraction
+        pretrain_before, pretrain_started = state["pretrain_elapsed"], time.perf_counter()
         done = yield from _run_steps(
             "pretrain", stage.network, stage.loss, stage_opt, items,
             dataclasses.replace(recipe, time_budget_s=budget), rng, state["pretrain_step"],
-            recipe.pretrain_steps, time.perf_counter(), state["pretrain_elapsed"], stage.make_input,
+            recipe.pretrain_steps, pretrain_started, pretrain_before, stage.make_input,
             lambda s, e: checkpoint(s, e, "pretrain_step"))
         state["pretrain_step"] = done
+        state["pretrain_elapsed"] = pretrain_before + time.perf_counter() - pretrain_started
         stage.network.eval()
         loss_fn = model.make_loss(**{stage.loss_kwarg: stage.network})
     else:
         loss_fn = model.make_loss()
-    started = time.perf_counter()
+    # state["elapsed"] moves forward at every checkpoint, so remember where this run started from
+    elapsed_before, started = state["elapsed"], time.perf_counter()
     steps_done = yield from _run_steps("train", model, loss_fn, optimizer, items, recipe, rng, state["step"],
-                                       recipe.steps, started, state["elapsed"], None, checkpoint)
-    train_time = state["elapsed"] + time.perf_counter() - started + state["pretrain_elapsed"]
-    checkpoint(steps_done, state["elapsed"] + time.perf_counter() - started)
+                                       recipe.steps, started, elapsed_before, None, checkpoint)
+    checkpoint(steps_done, elapsed_before + time.perf_counter() - started)
+    train_time = state["elapsed"] + state["pretrain_elapsed"]
     from .validation import evaluate_samples
 
     metrics = {}
