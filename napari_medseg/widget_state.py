@@ -83,15 +83,27 @@ def weights_choices(model_name: str, recent: list[str] = ()) -> list[WeightsChoi
     (fine-tuned versions included), and random weights for trying the pipeline."""
     from src_models import read_card
 
+    from .core import versions
+
     choices = []
     starter = starter_weights(model_name)
+    active, fine_tuned = _user_versions(versions, model_name)
+    if active is not None:
+        choices.append(WeightsChoice(f"active: {_version_name(active)}", str(active.path),
+                                     _describe(active.card, "weights you adopted")))
     if starter is not None:
         card = _card(read_card, starter)
         choices.append(WeightsChoice(f"starter: {Path(starter).name} (bundled)", str(starter),
                                      _describe(card, "bundled starter weights")))
+    for version in reversed(fine_tuned):       # newest first
+        if active is not None and version.path == active.path:
+            continue
+        choices.append(WeightsChoice(f"fine-tuned: {version.id}", str(version.path),
+                                     _describe(version.card, "fine-tuned version")))
+    shown = {c.value for c in choices}
     for path in recent:
         card = _card(read_card, path)
-        if card is None or card.get("architecture") != model_name or path == str(starter):
+        if card is None or card.get("architecture") != model_name or path in shown:
             continue
         choices.append(WeightsChoice(f"file: {Path(path).name}", path,
                                      _describe(card, f"weights file {path}")))
@@ -99,6 +111,31 @@ def weights_choices(model_name: str, recent: list[str] = ()) -> list[WeightsChoi
         "random weights (untrained)", RANDOM_WEIGHTS,
         "untrained network: for trying the pipeline only, its labels are meaningless"))
     return choices
+
+
+def _user_versions(versions, model_name: str):
+    """(active version or None, fine-tuned versions oldest first) from the per-user model folder;
+    an unreadable folder hides them rather than breaking the widget."""
+    try:
+        fine_tuned = versions.list_versions(model_name)
+        active_stem = versions.active_path(model_name)
+    except (versions.VersionError, OSError, ValueError):
+        return None, []
+    if active_stem is None:
+        return None, fine_tuned
+    match = [v for v in fine_tuned if v.path == active_stem]
+    if match:
+        return match[0], fine_tuned
+    from src_models import read_card
+
+    card = _card(read_card, active_stem)
+    if card is None or card.get("architecture") != model_name:
+        return None, fine_tuned
+    return versions.Version(str(active_stem), active_stem, card), fine_tuned
+
+
+def _version_name(version) -> str:
+    return version.id if version.id != str(version.path) else Path(version.id).name
 
 
 def _card(read_card, path) -> dict | None:
@@ -116,8 +153,10 @@ def _describe(card: dict | None, fallback: str) -> str:
     training = card.get("training") or {}
     if training.get("data"):
         parts.append(f"trained on {training['data']} ({training.get('licence', 'licence unknown')})")
-    if card.get("parent"):
-        parts.append(f"fine-tuned from {card['parent']}")
+    parent = card.get("parent")
+    if parent:
+        name = parent.get("version") or (parent.get("sha256") or "?")[:8] if isinstance(parent, dict) else parent
+        parts.append(f"fine-tuned from {name}")
     scores = ((card.get("metrics") or {}).get("validation") or {}).get("mean") or {}
     shown = ", ".join(f"{k} {scores[k]:.2f}" for k in ("f1", "aji", "dice") if k in scores)
     if shown:

@@ -303,3 +303,32 @@ def test_modules_import_without_qt_or_napari():
         "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_weights_choices_offer_fine_tuned_versions_and_the_active_one_first(tmp_path, monkeypatch):
+    from src_models import create_model
+
+    from napari_medseg.core import pipeline, versions
+
+    monkeypatch.setenv(versions.ENV_VAR, str(tmp_path / "models"))
+    model = create_model("pranet_v2", "lite")
+    first = versions.save_version(model, {"parent": {"sha256": "abc", "version": "starter-x"}})
+    second = versions.save_version(model, {"parent": {"sha256": first.sha256, "version": first.id}})
+    labels = [c.label for c in widget_state.weights_choices("pranet_v2")]
+    # newest fine-tuned version listed before the older one, random weights last
+    assert labels.index(f"fine-tuned: {second.id}") < labels.index(f"fine-tuned: {first.id}")
+    assert labels[-1] == "random weights (untrained)"
+    assert not any(label.startswith("active:") for label in labels)
+    assert "fine-tuned from starter-x" in widget_state.weights_choices("pranet_v2")[
+        labels.index(f"fine-tuned: {first.id}")].description
+
+    versions.adopt("pranet_v2", first.id)
+    choices = widget_state.weights_choices("pranet_v2")
+    assert choices[0].label == f"active: {first.id}" and choices[0].value == str(first.path)
+    assert f"fine-tuned: {first.id}" not in [c.label for c in choices]   # not listed twice
+    # without --weights, the engine runs the adopted version too
+    _, card = pipeline.load_model("pranet_v2", device="cpu")
+    assert card["sha256"] == first.sha256 and card["weights_path"] == str(first.path)
+    # other models are untouched by this model's versions
+    assert not any(c.label.startswith(("active:", "fine-tuned:"))
+                   for c in widget_state.weights_choices("iau_net"))

@@ -38,7 +38,8 @@ class SegmentationResult:
 
 
 def load_model(model_name: str, weights: str | Path | None = None, device: str = "auto"):
-    """A model and its card: given weights, else the bundled starter weights of ``model_name``.
+    """A model and its card: given weights, else the weights the user adopted for ``model_name``
+    (a fine-tuned version, see :mod:`.versions`), else its bundled starter weights.
 
     ``weights="random"`` builds the lite preset with random weights (for benchmarks and tests).
     """
@@ -52,13 +53,23 @@ def load_model(model_name: str, weights: str | Path | None = None, device: str =
         card = {"architecture": model_name, "sha256": "random-init", "config": model.config.to_dict(),
                 "classes": ["background", "interior", "boundary"], "version": "random"}
         return model.to(dev), card
-    path = weights or starter_weights(model_name)
+    path = weights or _adopted_weights(model_name) or starter_weights(model_name)
     if path is None:
         raise FileNotFoundError(f"no bundled starter weights for {model_name} in this version; "
                                 "pass --weights FILE (or --weights random to try the pipeline)")
     model, card = load_weights(path, dev, expect_architecture=model_name)
     card = dict(card, weights_path=str(path))
     return model, card
+
+
+def _adopted_weights(model_name: str) -> Path | None:
+    """The user's active (adopted) version of ``model_name``; None when unset or unreadable."""
+    from . import versions
+
+    try:
+        return versions.active_path(model_name)
+    except (versions.VersionError, OSError, ValueError):
+        return None
 
 
 class _BackgroundWhereMissing:
