@@ -22,6 +22,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_folders(tmp_path_factory):
+    """Keep the tester's own fine-tuned versions and widget settings out of every test (and the
+    tests' versions out of the tester's folders)."""
+    saved = {k: os.environ.get(k) for k in ("NAPARI_MEDSEG_MODELS", "NAPARI_MEDSEG_CONFIG_DIR")}
+    os.environ["NAPARI_MEDSEG_MODELS"] = str(tmp_path_factory.mktemp("user-models"))
+    os.environ["NAPARI_MEDSEG_CONFIG_DIR"] = str(tmp_path_factory.mktemp("user-config"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data beside the checkout (CI has it); tests needing it skip when absent."""
