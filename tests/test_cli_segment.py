@@ -92,7 +92,14 @@ def test_dask_two_workers_identical_to_single_process(tmp_path, capsys):
     single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
     extra = ["--mc-samples", "0"]
     assert main(["segment", str(path), *common, *extra, "-o", str(single)]) == 0
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     assert main(["segment", str(path), *common, *extra, "-o", str(multi), "--workers", "2"]) == 0
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE
+            and "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's, one per parent
+    assert not left, f"the local Dask cluster left processes running: {[p.cmdline() for p in left]}"
     a, b = OutputStore.open(single, mode="r"), OutputStore.open(multi, mode="r")
     assert a.status("labels")["status"] == b.status("labels")["status"] == "complete"
     assert np.array_equal(np.asarray(a.labels()[:]), np.asarray(b.labels()[:]))

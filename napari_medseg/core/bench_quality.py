@@ -212,15 +212,9 @@ def stitching_check(folder: Path, size: int = 512, block: int = 128, halo: int =
 
 def _run_on_dask(order: list[int], probs_path: str, labels_path: str, block: int, halo: int,
                  workers: int) -> None:
-    from .distributed import start_client
+    from .distributed import cluster_client
 
-    client = start_client(workers)
-    try:
+    with cluster_client(workers) as client:
         futures = [client.submit(_decode_task, probs_path, labels_path, i, block, halo, pure=False)
                    for i in order]
         client.gather(futures)
-    finally:
-        cluster = client.cluster
-        client.close()
-        if cluster is not None:
-            cluster.close()

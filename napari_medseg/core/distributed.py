@@ -9,6 +9,7 @@ blocks may run in any order on any worker and the result is byte-identical to a 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -91,15 +92,20 @@ def run_on_cluster(client, source, ref: ModelRef, output, settings: InferenceSet
             "labels": OutputStore.open(plan.output).status("labels")["status"]}
 
 
-def start_client(workers: int | None = None, scheduler: str | None = None):
-    """A client on an existing scheduler, or on a new local cluster of ``workers`` processes."""
+@contextlib.contextmanager
+def cluster_client(workers: int | None = None, scheduler: str | None = None):
+    """A ``dask.distributed.Client`` on an existing scheduler, or on a new local cluster of
+    ``workers`` processes; on exit the client closes, and so does the local cluster (never the
+    user's own scheduler)."""
     from dask.distributed import Client, LocalCluster
 
     if scheduler:
-        return Client(scheduler)
-    cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-    return Client(cluster)
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
 
 
 def run_distributed(input_path, model_name: str, weights, output, settings: InferenceSettings,
@@ -109,9 +115,6 @@ def run_distributed(input_path, model_name: str, weights, output, settings: Infe
     from .progress import drain
 
     source = open_image(input_path)
-    client = start_client(workers, scheduler)
-    try:
+    with cluster_client(workers, scheduler) as client:
         return drain(run_on_cluster(client, source, ModelRef(model_name, weights and str(weights)),
                                     str(output), settings), on_progress)
-    finally:
-        client.close()
