@@ -128,8 +128,8 @@ def _add_bench(sub) -> None:
     p.add_argument("which", choices=["tiling", "models", "finetune"])
     p.add_argument("--sizes", help="tiling: image edges of the peak-memory runs "
                    "(default 4096,8192,16384; --quick 512,1024)")
-    p.add_argument("--model", default="reseg_unet", help=f"model timed and measured ({MODEL_HELP}); "
-                   "default reseg_unet")
+    p.add_argument("--model", help=f"model timed and measured ({MODEL_HELP}); default reseg_unet "
+                   "(tiling) or pranet_v2 (finetune)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--timing-size", type=int, help="tiling: image edge of the overhead and MONAI "
                    "comparisons (default 4096; --quick 1024)")
@@ -148,6 +148,15 @@ def _add_bench(sub) -> None:
     p.add_argument("--workdir", help="scratch folder for the images and outputs (kept); default: a "
                    "temporary folder, removed afterwards")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--weights", help="finetune: parent weights (default: the model's starter)")
+    p.add_argument("--ks", help="finetune: numbers of corrected objects (default 10,30,100)")
+    p.add_argument("--new-domain", help="finetune: labelled folder of the new domain "
+                   "(default ../shared/data/monuseg2018_train)")
+    p.add_argument("--original-domain", help="finetune: labelled folder the weights were trained on "
+                   "(default ../shared/data/dsb2018_train)")
+    p.add_argument("--correct-image", help="finetune: id of the image the simulated user corrects "
+                   "(default: the one with the most objects)")
+    p.add_argument("--plot", help="finetune: also save the gain-vs-K and gain-vs-time plot (PNG)")
 
 
 def _add_demo(sub) -> None:

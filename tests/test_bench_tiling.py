@@ -111,6 +111,3 @@ def test_cli_runs_the_tiling_bench_and_writes_json(tmp_path, capsys):
     assert [r["part"] for r in rows] == ["stitching", "stitching"]
 
 
-def test_cli_other_benchmarks_say_not_available(capsys):
-    assert main(["bench", "finetune"]) == 2
-    assert "not available" in capsys.readouterr().err
