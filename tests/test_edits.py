@@ -165,3 +165,47 @@ def test_snapshot_and_block_wise_rerun_on_a_store(tmp_path):
     assert not np.isin(5002, labels)                         # the new guess at it is dropped
     assert (labels[fresh == 5003] == 5003).all()             # elsewhere the new labels win
     assert np.array_equal(np.asarray(model_labels(store)[...]), fresh)
+
+
+def test_rerun_job_replaces_probabilities_and_records_the_new_weights(tmp_path):
+    """A re-run with other weights keeps the edit, and the probabilities the user sees are the new
+    model's (level 0 and the pyramid), with the re-run recorded in the store's provenance."""
+    import torch
+    from src_models import save_weights
+
+    from napari_medseg.core.inference import InferenceSettings
+    from napari_medseg.core.pipeline import load_model, run_segmentation
+    from napari_medseg.core.progress import drain
+    from napari_medseg.core.rerun import rerun_job
+    from napari_medseg.core.store import OutputStore
+
+    image = ((disks((256, 256), [(40, 40), (120, 200), (200, 100)], radius=12) > 0) * 200).astype(np.uint8)
+    model, card = load_model("reseg_unet", "random", "cpu")
+    settings = InferenceSettings(device="cpu", mc_samples=0, chunk=64, superblock=128)
+    store = OutputStore.open(drain(run_segmentation(image, model, card, tmp_path / "run.zarr", settings)).output)
+    edited = np.asarray(store.labels()[...]).copy()
+    edited[disk((126, 126), 8)] = 777
+    store.labels()[...] = edited
+    old_probs = store.read_map("probs")
+    old_level1 = np.asarray(store.array("probs", 1)[...]).astype(int)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_weights(model, tmp_path / "child", {**card, "version": "child-v1"})
+    drain(rerun_job(image, store.path, tmp_path / "child", "reseg_unet", device="cpu"))
+
+    _, child_card = load_model("reseg_unet", tmp_path / "child", "cpu")
+    direct = OutputStore.open(drain(run_segmentation(image, model, child_card, tmp_path / "direct.zarr",
+                                                      settings)).output, mode="r")
+    store = OutputStore.open(store.path, mode="r")
+    new_probs = store.read_map("probs")
+    assert not np.array_equal(new_probs, old_probs)
+    assert np.array_equal(new_probs, direct.read_map("probs"))
+    # level 1 is rebuilt from the stored uint8 level 0 (the direct run averaged floats): ±1 step
+    level1 = np.asarray(store.array("probs", 1)[...]).astype(int)
+    assert np.abs(level1 - np.asarray(direct.array("probs", 1)[...]).astype(int)).max() <= 1
+    assert np.abs(level1 - old_level1).max() > 1
+    assert (np.asarray(store.labels()[...])[disk((126, 126), 8)] == 777).all()
+    (record,) = store.attrs["reruns"]
+    assert record["weights_path"] == str(tmp_path / "child") and record["weights_version"] == "child-v1"
+    assert record["region"] == [0, 256, 0, 256] and record["protected_pixels"] > 0

@@ -65,7 +65,8 @@ def test_blend_mode_for_a_pooling_model(tmp_path):
 
 def test_progress_per_batch_and_provenance(tmp_path):
     model = make(TinyEquivariantNet)
-    card = {"architecture": model.name, "sha256": "ab" * 32, "normalization": {"method": "fixed", "low": 0, "high": 255}}
+    card = {"architecture": model.name, "sha256": "ab" * 32, "normalization": {"method": "fixed", "low": 0, "high": 255},
+            "weights_path": "/models/tiny/v2", "version": "tiny-v2"}
     job = segment(IMAGE, model, card, tmp_path / "o.zarr", InferenceSettings(tile=32, batch_size=2, **SMALL))
     records = []
     result = drain(job, records.append)
@@ -75,6 +76,7 @@ def test_progress_per_batch_and_provenance(tmp_path):
         IMAGE, model, card, tmp_path / "o.zarr", InferenceSettings(tile=32, **SMALL)).plan.blocks)
     run = OutputStore.open(tmp_path / "o.zarr").attrs["run"]
     assert run["model"] == model.name and run["weights_sha256"] == "ab" * 32
+    assert run["weights_path"] == "/models/tiny/v2" and run["weights_version"] == "tiny-v2"
     assert run["tile"] == 32 and run["overlap"] == 8 and run["mc_samples"] == 0
     assert run["normalization"] == {"method": "fixed", "low": 0.0, "high": 255.0}
     assert run["input"] == "in-memory array" and "package_version" in run and "date" in run

@@ -28,7 +28,7 @@ from ..core.rerun import compare_job, model_labels, rerun_job
 from ..core.resources import starter_weights
 from ..finetune_layers import (FinetuneError, RunContext, capped_view, reviewed_mask, reviewed_regions,
                                run_context)
-from ..layer_data import medseg_info
+from ..layer_data import medseg_info, refresh_layers, run_layers_of
 from ..segment_job import image_source_from_layer
 from ._version_tree import VersionTree
 from ._worker import start_job, update_progress_bar
@@ -312,7 +312,10 @@ class FinetuneWidget(QWidget):
                     "MedSeg: re-run keeping edits", lambda result: self._rerun_done(context, result))
 
     def _rerun_done(self, context: RunContext, result) -> None:
+        # the re-run rewrote probabilities and maps too: re-read every layer of this run
         context.layer.refresh()
+        refresh_layers([layer for layer in run_layers_of(self.viewer, context.image_layer.name)
+                        if layer is not context.layer])
         self.status.setText(f"Re-run done on {result.blocks} block(s): {result.protected_pixels} pixels "
                             "you edited or reviewed were kept")
 

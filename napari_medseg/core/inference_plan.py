@@ -192,6 +192,7 @@ def prepare_run(source, model, card: dict | None, output, settings: InferenceSet
                          settings.probs_dtype, settings.maps_dtype, source.pixel_size, source.unit)
     run_key = _run_key(architecture, card, model, tiles, settings, norm_info, source)
     run = {**run_key, **_environment(), "device": str(device),
+           "weights_path": card.get("weights_path"), "weights_version": card.get("version"),
            "halo_covers_receptive_field": tiles.covers_receptive_field,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     store, resumed = OutputStore.prepare(output, layout, _plain(run), run_key,

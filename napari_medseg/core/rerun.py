@@ -138,7 +138,7 @@ class MergeResult:
 
 
 def merge_rerun(store: OutputStore, new_labels, region=None, reviewed=None,
-                halo: int = MERGE_HALO) -> JobGenerator[MergeResult]:
+                halo: int = MERGE_HALO, new_maps: OutputStore | None = None) -> JobGenerator[MergeResult]:
     """Merge fresh labels into a store's edited labels, block by block; update ``model_labels``.
 
     Args:
@@ -147,6 +147,8 @@ def merge_rerun(store: OutputStore, new_labels, region=None, reviewed=None,
         region: ``(y0, y1, x0, x1)`` to replace (grown to whole chunks); default everything.
         reviewed: optional callable ``window -> (h, w) bool`` of reviewed pixels.
         halo: context around each block so objects are judged whole.
+        new_maps: the new segmentation's store: its probabilities and maps replace the old ones
+            over the region (maps it does not have are left as they were).
     """
     current, model = store.labels(), model_labels(store)
     if model is None:
@@ -172,19 +174,29 @@ def merge_rerun(store: OutputStore, new_labels, region=None, reviewed=None,
         current[by0:by1, bx0:bx1] = merged[core]
         model[by0:by1, bx0:bx1] = new[core]
         store.refresh_pyramid(LABELS, (by0, by1, bx0, bx1))
+        if new_maps is not None:
+            block = (by0, by1, bx0, bx1)
+            store.write_maps(block, {name: new_maps.read_map(name, block) for name in _shared_maps(store, new_maps)})
         yield Progress("merge", i + 1, len(blocks), f"merged block {i + 1}/{len(blocks)}",
                        region=(by0, by1, bx0, bx1))
     return MergeResult(aligned, len(blocks), protected)
 
 
+def _shared_maps(store: OutputStore, other: OutputStore) -> list[str]:
+    """Maps both stores hold with the same channels (e.g. not V-UNet's uncertainty of a run
+    without Monte-Carlo samples)."""
+    theirs = {m.name: m.channels for m in other.layout.maps}
+    return [m.name for m in store.layout.maps if theirs.get(m.name) == m.channels]
+
+
 # ----------------------------------------------------------------------------- jobs
 def _segment_region(source, weights, model_name: str, region, device: str, folder: Path,
-                    name: str) -> JobGenerator[OutputStore]:
+                    name: str, mc_samples: int = 0) -> JobGenerator[OutputStore]:
     from .inference import InferenceSettings
     from .pipeline import load_model, run_segmentation
 
     model, card = load_model(model_name, weights, device)
-    settings = InferenceSettings(device=device, region=region, mc_samples=0, overwrite=True,
+    settings = InferenceSettings(device=device, region=region, mc_samples=mc_samples, overwrite=True,
                                  prefetch=False)
     result = yield from run_segmentation(source, model, card, folder / f"{name}.zarr", settings)
     del model
@@ -204,9 +216,16 @@ def rerun_job(source, store_path, weights, model_name: str, region=None, reviewe
         raise ValueError(f"{store_path} has no model_labels, so edits cannot be protected; "
                          "re-segment into a new output instead")
     folder = Path(tempfile.mkdtemp(prefix="medseg-rerun-"))
+    run = store.attrs.get("run") or {}
     try:
-        fresh = yield from _segment_region(source, weights, model_name, region, device, folder, "rerun")
-        result = yield from merge_rerun(store, fresh.labels(), region, reviewed)
+        fresh = yield from _segment_region(source, weights, model_name, region, device, folder, "rerun",
+                                           mc_samples=int(run.get("mc_samples") or 0))
+        result = yield from merge_rerun(store, fresh.labels(), region, reviewed, new_maps=fresh)
+        new_run = fresh.attrs.get("run") or {}
+        reruns = list(store.attrs.get("reruns") or []) + [{
+            key: new_run.get(key) for key in ("weights_path", "weights_version", "weights_sha256", "date")}
+            | {"region": list(result.region), "protected_pixels": result.protected_pixels}]
+        store.update_attrs(reruns=reruns)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return result

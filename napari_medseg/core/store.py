@@ -317,9 +317,12 @@ class OutputStore:
 
     def set_stage_status(self, stage: str, status: str, **extra) -> None:
         """Set a stage's status (e.g. ``"complete"``) and extra fields in the root attributes."""
+        self.update_attrs(stages={**self.attrs["stages"], stage: status}, **extra)
+
+    def update_attrs(self, **fields) -> None:
+        """Set fields of the engine's root attributes (e.g. ``reruns``)."""
         attrs = self.attrs
-        attrs["stages"][stage] = status
-        attrs.update(extra)
+        attrs.update(fields)
         try:
             self.group.attrs[MARKER] = _jsonable(attrs)
         except OSError as exc:
