@@ -462,3 +462,25 @@ def test_export_of_4096_squared_zarr_stays_under_memory_bound(labels_4096, fmt):
           f"{measured['seconds']} s for {MEMORY_SIZE}² uint32 labels")
     assert measured["traced_peak_mb"] < MEMORY_BOUND_MB
     assert output.exists()
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".ome.tif", ".geojson", ".csv"])
+def test_napari_save_layers_writes_every_format_through_the_plugin(tmp_path, labels, suffix):
+    """File → Save Layers: napari picks the plugin's writer by the file name and the file is the
+    same export the widget and the CLI write."""
+    import napari
+    from napari.layers import Labels
+    from npe2 import PluginManager
+
+    PluginManager.instance().discover()     # what napari does at start-up
+    target = tmp_path / f"cells{suffix}"
+    written = napari.save_layers(str(target), [Labels(labels, name="cells")], plugin="napari-medseg")
+    assert written == [str(target)] and target.exists()
+    if suffix.endswith(".tif"):
+        np.testing.assert_array_equal(tifffile.imread(target), labels)
+    elif suffix == ".csv":
+        rows = target.read_text().strip().splitlines()
+        assert len(rows) - 1 == len(np.unique(labels)) - 1
+    else:
+        features = json.loads(target.read_text())["features"]
+        assert len(features) == len(np.unique(labels)) - 1
