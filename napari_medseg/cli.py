@@ -165,6 +165,8 @@ def _add_demo(sub) -> None:
                        "docked. With --headless (automatic when there is no display) segment the sample "
                        "and write the outputs instead.")
     p.add_argument("--headless", action="store_true")
+    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the napari window after "
+                   "start-up and close it (for documentation and smoke checks)")
     p.add_argument("-o", "--output", default="medseg-demo.zarr", help="headless output folder")
     p.add_argument("--model", default="vunet")
     p.add_argument("--sample", default="fluorescence_large")

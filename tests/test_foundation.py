@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -127,3 +128,19 @@ def test_cli_bad_input_is_one_clear_line(args, expected, tmp_path):
     assert lines[0].startswith("napari-medseg: error:")
     assert expected in lines[0].lower()
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.gui
+def test_demo_opens_napari_with_the_sample_and_the_segment_widget(tmp_path):
+    """The README's first command, GUI branch: napari opens with the sample and the docked widget
+    (a screenshot is taken from the real window, then it closes)."""
+    from PIL import Image
+
+    shot = tmp_path / "demo.png"
+    done = subprocess.run([sys.executable, "-c", "import sys; from napari_medseg.cli import main; "
+                           f"sys.exit(main(['demo', '--screenshot', {str(shot)!r}]))"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"screenshot: {shot}" in done.stdout
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 800 and pixels.std() > 10   # a real window
