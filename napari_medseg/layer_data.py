@@ -197,7 +197,7 @@ def image_layer_data(path: str | Path, name: str | None = None) -> tuple:
     path = Path(path)
     # TODO(core.io): a public way to get an input's level arrays and axes (ImageSource keeps them
     # private); this is the function open_image itself uses.
-    arrays, meta_axes, pixel_size, unit = io._open_path_levels(path, 0)
+    arrays, meta_axes, pixel_size, unit = io.open_path_levels(path, 0)
     shape = tuple(arrays[0].shape)
     axes = meta_axes or io.guess_axes(shape)
     if len(axes) != len(shape):

@@ -133,7 +133,7 @@ class ImageSource:
         self.__dict__.update(state)
         self._lock = _reader_lock(self.spec)
         if self._arrays is None:
-            self._arrays = _open_path_levels(Path(self.path), self.spec.tiff_series)[0]
+            self._arrays = open_path_levels(Path(self.path), self.spec.tiff_series)[0]
 
 
 def _reader_lock(spec: SourceSpec):
@@ -171,7 +171,7 @@ def open_image(image: Any, *, axes: str | None = None, index: dict[str, int] | N
         path = Path(image).expanduser()
         if not path.exists():
             raise ImageNotFoundError(f"no such file or folder: {path}; check the path and spelling")
-        arrays, meta_axes, pixel_size, unit = _open_path_levels(path, tiff_series)
+        arrays, meta_axes, pixel_size, unit = open_path_levels(path, tiff_series)
     else:
         arrays, meta_axes = _open_object_levels(image)
     shape = tuple(arrays[0].shape)
@@ -186,8 +186,13 @@ def open_image(image: Any, *, axes: str | None = None, index: dict[str, int] | N
     return ImageSource(arrays, spec, pixel_size, unit)
 
 
-def _open_path_levels(path: Path, tiff_series: int) -> tuple[list, str | None, Any, Any]:
-    """Level arrays, metadata axes (or None), pixel size and unit of a file or folder."""
+def open_path_levels(path: Path, tiff_series: int = 0) -> tuple[list, str | None, Any, Any]:
+    """The lazy arrays of every resolution level of a zarr/OME-Zarr/TIFF path, largest first, with
+    the axes its metadata names (e.g. ``"cyx"``, or None), its pixel size and unit (or None).
+
+    Raises:
+        ImageInputError: the path is neither zarr nor TIFF, or holds no array.
+    """
     if path.is_file() and path.name.lower().endswith(TIFF_SUFFIXES):
         return _open_tiff(path, tiff_series)
     import zarr
