@@ -21,6 +21,7 @@ from ..core.export_source import open_label_source
 from ..export_job import (FORMAT_TITLES, ExportRequest, default_output, export_job, output_for,
                           source_from_layer)
 from ..segment_job import image_source_from_layer
+from ._combo import refill
 from ._worker import start_job, update_progress_bar
 
 STORE = "__store__"          # labels combo item: an output store chosen on disk
@@ -103,9 +104,9 @@ class ExportWidget(QWidget):
         layout.addStretch(1)
 
     def _fill_layers(self, *_) -> None:
-        _refill(self.labels, [(layer.name, layer.name) for layer in self.viewer.layers
+        refill(self.labels, [(layer.name, layer.name) for layer in self.viewer.layers
                               if isinstance(layer, Labels)] + [("Output store on disk…", STORE)])
-        _refill(self.image, [("(none)", NO_IMAGE)] + [(layer.name, layer.name) for layer in
+        refill(self.image, [("(none)", NO_IMAGE)] + [(layer.name, layer.name) for layer in
                                                       self.viewer.layers if isinstance(layer, Image)])
         self._on_source()
 
@@ -244,15 +245,3 @@ def _row(*widgets) -> QHBoxLayout:
     for widget in widgets:
         row.addWidget(widget)
     return row
-
-
-def _refill(combo: QComboBox, items: list[tuple[str, str]]) -> None:
-    """Replace a combo's items, keeping the current choice when it is still there."""
-    current = combo.currentData()
-    combo.blockSignals(True)
-    combo.clear()
-    for text, data in items:
-        combo.addItem(text, data)
-    index = combo.findData(current)
-    combo.setCurrentIndex(index if index >= 0 else 0)
-    combo.blockSignals(False)

@@ -30,6 +30,7 @@ from ..finetune_layers import (FinetuneError, RunContext, capped_view, reviewed_
                                run_context)
 from ..layer_data import medseg_info, refresh_layers, run_layers_of
 from ..segment_job import image_source_from_layer
+from ._combo import refill_names
 from ._version_tree import VersionTree
 from ._worker import start_job, update_progress_bar
 
@@ -139,15 +140,8 @@ class FinetuneWidget(QWidget):
 
     def _fill_layers(self, *_) -> None:
         for combo, kind, extra in ((self.labels_combo, Labels, []), (self.shapes_combo, Shapes, [NONE])):
-            current = combo.currentText()
-            names = extra + [layer.name for layer in self.viewer.layers if isinstance(layer, kind)
-                             and (kind is Shapes or (medseg_info(layer) or {}).get("map") == "labels")]
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+            refill_names(combo, extra + [layer.name for layer in self.viewer.layers if isinstance(layer, kind)
+                                         and (kind is Shapes or (medseg_info(layer) or {}).get("map") == "labels")])
         self._labels_changed()
 
     def _labels_changed(self, *_) -> None:

@@ -23,6 +23,7 @@ from ..review import edited_region, record_label_edit, uncertainty_source, view_
 from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_output_path,
                            image_source_from_layer, output_path, segment_job, SegmentRequest)
 from ..widget_state import load_state, save_state
+from ._combo import refill_names
 from ._review_panel import ReviewPanel
 from ._segment_form import MODEL_TITLES, SegmentForm
 from ._worker import start_job, update_progress_bar
@@ -112,15 +113,8 @@ class SegmentWidget(QWidget):
     def _fill_images(self, *_) -> None:
         for layer in self.viewer.layers:     # renaming a layer renames it in the picker
             layer.events.name.connect(self._fill_images)
-        combo, current = self.form.image, self.form.image.currentText()
-        names = [layer.name for layer in self.viewer.layers
-                 if isinstance(layer, Image) and "map" not in (medseg_info(layer) or {})]
-        combo.blockSignals(True)
-        combo.clear()
-        combo.addItems(names)
-        if current in names:
-            combo.setCurrentText(current)
-        combo.blockSignals(False)
+        refill_names(self.form.image, [layer.name for layer in self.viewer.layers
+                                       if isinstance(layer, Image) and "map" not in (medseg_info(layer) or {})])
 
     def _save_state(self) -> None:
         save_state(self.form.store_state())
