@@ -350,18 +350,6 @@ def run_demo(args) -> None:
         summary = _segment(image, args.model, None, args.output, settings, TerminalProgress())
         print(json.dumps(summary, indent=2))
         return
-    import napari
+    from ._widgets.demo_window import open_demo
 
-    viewer = napari.Viewer(title="napari-medseg demo")
-    viewer.add_image(load_sample(args.sample), name=args.sample)
-    viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
-    if args.screenshot:     # save what the user sees, then close (documentation, smoke checks)
-        from qtpy.QtCore import QTimer
-
-        def shoot():
-            viewer.screenshot(path=args.screenshot, canvas_only=False, flash=False)
-            print(f"screenshot: {args.screenshot}")
-            viewer.close()
-
-        QTimer.singleShot(2000, shoot)
-    napari.run()
+    open_demo(load_sample(args.sample), args.sample, args.screenshot)
