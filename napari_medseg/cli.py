@@ -97,6 +97,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--labels", help="folder of ground-truth labels")
     p.add_argument("--data", help="a labelled data folder instead of --images/--labels "
                    "(DSB2018, MoNuSeg or ISBI layout)")
+    p.add_argument("--tune-decode", action="store_true", help="with --data and --split val: choose the "
+                   "instance-decoding thresholds on these images, store them in the weights card, then score")
     p.add_argument("--split", choices=["all", "val"], default="all",
                    help="with --data: 'val' scores only the validation images recorded in the weights card")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

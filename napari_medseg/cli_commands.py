@@ -271,6 +271,25 @@ def _evaluation_samples(args, card: dict):
     return samples
 
 
+def _tune_decode(args, model, card: dict, samples) -> dict:
+    """Choose decoding thresholds on the validation split and store them in the card."""
+    from src_models import read_card
+
+    from .core.decode_tuning import tune_decode, write_decode_to_card
+
+    if not (args.data and args.split == "val"):
+        raise CLIError("--tune-decode needs --data DIR --split val (thresholds are chosen on the "
+                       "weights' validation images, never on a test set)")
+    if args.weights is None or card.get("weights_path") is None:
+        raise CLIError("--tune-decode needs --weights FILE (it writes the chosen thresholds into that card)")
+    result = tune_decode(model, card, samples, log=lambda line: print(line, file=sys.stderr))
+    path = write_decode_to_card(card["weights_path"], result)
+    print(f"decode thresholds {result['settings']} written to {path}: F1 {result['before']['f1']:.3f} → "
+          f"{result['after']['f1']:.3f}, AJI {result['before']['aji']:.3f} → {result['after']['aji']:.3f}",
+          file=sys.stderr)
+    return dict(read_card(card["weights_path"]), weights_path=card["weights_path"])
+
+
 def run_evaluate(args) -> None:
     """Score weights on labelled images: Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5."""
     from .core.pipeline import load_model
@@ -285,6 +304,8 @@ def run_evaluate(args) -> None:
         model_name = read_card(args.weights)["architecture"]
     model, card = load_model(model_name, args.weights, args.device)
     samples = _evaluation_samples(args, card)
+    if args.tune_decode:
+        card = _tune_decode(args, model, card, samples)
     result = evaluate_samples(model, samples, card=card)
     result["weights"] = card.get("weights_path") or args.weights
     if args.json:

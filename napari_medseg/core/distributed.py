@@ -10,9 +10,11 @@ blocks may run in any order on any worker and the result is byte-identical to a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
+from .decode_tuning import decode_settings_for
 from .inference import InferenceSettings, finish_run, prepare_run, process_block
 from .instances import DecodeSettings, block_regions, decode_block
 from .pipeline import _BackgroundWhereMissing, load_model
@@ -53,7 +55,7 @@ def _labels_task(output: str, index: int, block: int, halo: int, decode: DecodeS
 
 
 def run_on_cluster(client, source, ref: ModelRef, output, settings: InferenceSettings,
-                   decode: DecodeSettings = DecodeSettings(), halo: int = 128) -> JobGenerator[dict]:
+                   decode: DecodeSettings | None = None, halo: int = 128) -> JobGenerator[dict]:
     """Maps then instances of one image on a Dask cluster; yields progress per finished block.
 
     Args:
@@ -67,6 +69,7 @@ def run_on_cluster(client, source, ref: ModelRef, output, settings: InferenceSet
 
     started = time.perf_counter()
     model, card = load_model(ref.name, ref.weights, "cpu")
+    decode = decode or decode_settings_for(card)
     prepared = prepare_run(source, model, card, output, settings)
     plan, store = prepared.plan, prepared.store
     todo = [b for b in plan.blocks if not store.is_done(b.region, "maps")]
@@ -85,7 +88,8 @@ def run_on_cluster(client, source, ref: ModelRef, output, settings: InferenceSet
             objects += future.result()
             yield Progress("instances", done, len(futures), f"instances: block {done}/{len(futures)}")
         OutputStore.open(plan.output).set_stage_status(
-            "labels", OutputStore.open(plan.output).status("labels")["status"], halo=halo)
+            "labels", OutputStore.open(plan.output).status("labels")["status"], halo=halo,
+            decode=dataclasses.asdict(decode))
     return {"output": plan.output, "blocks": len(plan.blocks), "objects": objects,
             "seconds": round(time.perf_counter() - started, 2),
             "maps": OutputStore.open(plan.output).status("maps")["status"],

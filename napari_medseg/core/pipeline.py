@@ -16,6 +16,7 @@ import torch
 
 from src_models import create_model, list_models, load_weights
 
+from .decode_tuning import decode_settings_for
 from .devices import pick_device
 from .inference import InferenceSettings, RunResult, segment
 from .instances import DecodeSettings, block_regions, instances_blockwise
@@ -135,7 +136,7 @@ def _overlaps(a, b) -> bool:
 
 
 def run_segmentation(source, model, card: dict, output=None, settings: InferenceSettings | None = None,
-                     decode: DecodeSettings = DecodeSettings(), halo: int = 128,
+                     decode: DecodeSettings | None = None, halo: int = 128,
                      ) -> JobGenerator[SegmentationResult]:
     """Maps then instances for an image of any size; see the module docstring.
 
@@ -144,7 +145,8 @@ def run_segmentation(source, model, card: dict, output=None, settings: Inference
         model, card: from :func:`load_model`.
         output: output ``.zarr`` (default next to the input).
         settings: engine settings.
-        decode: instance decoding settings (used when the model has the three-class head).
+        decode: instance decoding settings (used when the model has the three-class head);
+            default: the thresholds tuned for these weights (card ``"decode"``), else the defaults.
         halo: context in pixels for block-wise decoding.
     """
     settings = settings or InferenceSettings()
@@ -152,6 +154,7 @@ def run_segmentation(source, model, card: dict, output=None, settings: Inference
     store = OutputStore.open(maps.output)
     objects, labels_status = 0, "not run"
     if model.config.num_classes == 3:
+        decode = decode or decode_settings_for(card)
         objects = yield from decode_store(store, decode, halo, settings.region)
         labels_status = store.status("labels")["status"]
     return SegmentationResult(maps, labels_status, objects, maps.output)

@@ -211,12 +211,20 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
                                        recipe.steps, started, elapsed_before, None, checkpoint)
     checkpoint(steps_done, elapsed_before + time.perf_counter() - started)
     train_time = state["elapsed"] + state["pretrain_elapsed"]
+    from .decode_tuning import tune_decode
     from .validation import evaluate_samples
 
-    metrics = {}
+    metrics, decode, tuning = {}, None, None
     if val_samples:
+        eval_card = {"architecture": model.name, "sha256": "unsaved", "config": model.config.to_dict(),
+                     "tile_size": recipe.crop}
+        if recipe.num_classes == 3:
+            yield Progress("tune decode", 0, 1, f"choosing decoding thresholds on {len(val_samples)} "
+                           "validation images")
+            tuning = tune_decode(model.eval(), eval_card, val_samples)
+            decode = eval_card["decode"] = tuning["settings"]
         yield Progress("validate", 0, len(val_samples), f"validating on {len(val_samples)} images")
-        metrics = evaluate_samples(model.eval(), val_samples, recipe)
+        metrics = evaluate_samples(model.eval(), val_samples, recipe, card=eval_card)
     data_name = data_name or Path(data_dir).name
     card = {
         "classes": list(CLASS_NAMES[:recipe.num_classes]) if recipe.num_classes == 3
@@ -236,7 +244,11 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
             "torch": torch.__version__,
         },
-        "metrics": {"validation": metrics},
+        "metrics": {"validation": metrics} | ({"decode_tuning": {
+            "on": "validation split", "n_images": tuning["n_images"], "before": tuning["before"],
+            "after": tuning["after"], "objective": "mean F1@0.5 + mean AJI", "grid": tuning["grid"]}}
+            if tuning else {}),
+        **({"decode": decode} if decode else {}),
         "parent": init_card and {"sha256": init_card["sha256"], "version": init_card.get("version")},
         "version": f"{recipe.model}-{recipe.preset}-{data_name}",
     }

@@ -13,6 +13,7 @@ import numpy as np
 
 from .datasets import Sample
 from .inference import InferenceSettings, segment
+from .decode_tuning import decode_settings_for
 from .instances import decode_instances
 from .metrics import evaluate_pairs
 from .progress import drain
@@ -46,7 +47,7 @@ def predict_instances(model, image: np.ndarray, card: dict, task: str = "instanc
     probs = predict_probabilities(model, image, card)
     if task == "semantic":
         return probs.argmax(axis=0).astype(np.int32)
-    return decode_instances(probs)
+    return decode_instances(probs, decode_settings_for(card))
 
 
 def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | None = None) -> dict:
