@@ -13,9 +13,12 @@ def run_bench(args) -> None:
     """Benchmarks that print a markdown table: ``tiling``, ``models``, ``finetune``."""
     if args.which == "models":
         from .core.bench_models import format_table as model_table_text
-        from .core.bench_models import model_table
+        from .core.bench_models import model_table, starter_table
 
-        print(model_table_text(model_table(speed=not args.quick)))
+        rows = model_table(speed=not args.quick)
+        print(model_table_text(rows))
+        print()
+        print(starter_table(rows))
         return
     if args.which == "finetune":
         _run_finetune_bench(args)

@@ -272,22 +272,14 @@ def _evaluation_samples(args, card: dict):
 
 
 def _tune_decode(args, model, card: dict, samples) -> dict:
-    """Choose decoding thresholds on the validation split and store them in the card."""
-    from src_models import read_card
+    """Choose decoding thresholds on the validation split (see :mod:`.core.decode_tuning`)."""
+    from .core.decode_tuning import tune_decode
 
-    from .core.decode_tuning import tune_decode, write_decode_to_card
-
-    if not (args.data and args.split == "val"):
-        raise CLIError("--tune-decode needs --data DIR --split val (thresholds are chosen on the "
-                       "weights' validation images, never on a test set)")
-    if args.weights is None or card.get("weights_path") is None:
-        raise CLIError("--tune-decode needs --weights FILE (it writes the chosen thresholds into that card)")
     result = tune_decode(model, card, samples, log=lambda line: print(line, file=sys.stderr))
-    path = write_decode_to_card(card["weights_path"], result)
-    print(f"decode thresholds {result['settings']} written to {path}: F1 {result['before']['f1']:.3f} → "
+    print(f"decode thresholds {result['settings']}: F1 {result['before']['f1']:.3f} → "
           f"{result['after']['f1']:.3f}, AJI {result['before']['aji']:.3f} → {result['after']['aji']:.3f}",
           file=sys.stderr)
-    return dict(read_card(card["weights_path"]), weights_path=card["weights_path"])
+    return result
 
 
 def run_evaluate(args) -> None:
@@ -297,6 +289,9 @@ def run_evaluate(args) -> None:
 
     if not (args.model or args.weights):
         raise CLIError("give --weights (or --model to use its bundled starter weights)")
+    if args.tune_decode and not (args.data and args.split == "val" and args.weights):
+        raise CLIError("--tune-decode needs --weights FILE --data DIR --split val (thresholds are chosen "
+                       "on the weights' validation images, never on a test set, and written into that card)")
     model_name = args.model
     if model_name is None:
         from src_models import read_card
@@ -304,9 +299,14 @@ def run_evaluate(args) -> None:
         model_name = read_card(args.weights)["architecture"]
     model, card = load_model(model_name, args.weights, args.device)
     samples = _evaluation_samples(args, card)
-    if args.tune_decode:
-        card = _tune_decode(args, model, card, samples)
-    result = evaluate_samples(model, samples, card=card)
+    tuning = _tune_decode(args, model, card, samples) if args.tune_decode else None
+    result = evaluate_samples(model, samples, card=dict(card, decode=tuning["settings"]) if tuning else card)
+    if tuning:
+        from .core.decode_tuning import write_decode_to_card
+
+        path = write_decode_to_card(card["weights_path"], tuning, validation=result)
+        print(f"decode thresholds {tuning['settings']} and these validation scores written to {path}",
+              file=sys.stderr)
     result["weights"] = card.get("weights_path") or args.weights
     if args.json:
         print(json.dumps(result, indent=2))

@@ -94,3 +94,36 @@ def format_table(rows: list[dict]) -> str:
             f"{r['lite_params']:,} | {r.get('lite_gmacs_512', '—')} | {r.get('lite_cpu_mpx_s', '—')} | "
             f"{r.get('speed_vs_fastest', '—')} | {r['aux_maps']} | {r['loss']} |")
     return "\n".join(lines)
+
+
+def starter_table(speed_rows: list[dict] | None = None) -> str:
+    """Markdown table of the bundled starter weights, from their cards: validation metrics (DSB2018
+    validation split, decoding thresholds tuned on it), training steps, time and hardware, and the
+    lite model's CPU speed from ``speed_rows`` (:func:`model_table`) when given."""
+    from napari_medseg.core.resources import starter_weights
+    from src_models import read_card
+
+    speeds = {r["model"]: r for r in speed_rows or []}
+    lines = ["| model | val F1@0.5 | val AJI | val PQ | val Dice | images | steps (+ stage 1) | train time | "
+             "CPU Mpx/s (vs fastest) | decoding (seed / fg / min area) |", "|" + "---|" * 10]
+    for name in list_models():
+        path = starter_weights(name)
+        if path is None:
+            lines.append(f"| {name} | no starter weights yet |" + " |" * 8)
+            continue
+        card = read_card(path)
+        train = card.get("training") or {}
+        mean = ((card.get("metrics") or {}).get("validation") or {}).get("mean") or {}
+        decode = card.get("decode") or {}
+        stage1 = f" (+{train['pretrain_steps_done']})" if train.get("pretrain_steps_done") else ""
+        speed = speeds.get(name, {})
+        cpu = (f"{speed['lite_cpu_mpx_s']:.3f} ({speed['speed_vs_fastest']:.2f})" if "lite_cpu_mpx_s" in speed
+               else "—")
+        lines.append(
+            f"| {name} | {mean.get('f1', float('nan')):.3f} | {mean.get('aji', float('nan')):.3f} | "
+            f"{mean.get('pq', float('nan')):.3f} | {mean.get('dice', float('nan')):.3f} | "
+            f"{train.get('val_images', '?')} | {train.get('steps_done', '?')}{stage1} | "
+            f"{train.get('time_s', 0) / 60:.0f} min ({train.get('hardware', '?')}) | {cpu} | "
+            f"{decode.get('seed_threshold', 0.5)} / {decode.get('foreground_threshold', 0.5)} / "
+            f"{decode.get('min_area', 8)} |")
+    return "\n".join(lines)

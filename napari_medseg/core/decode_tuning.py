@@ -91,16 +91,20 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
             "after": best_scores, "n_images": len(samples), "grid": {k: list(v) for k, v in GRID.items()}}
 
 
-def write_decode_to_card(weights, result: dict) -> Path:
-    """Store tuned settings in the weights' JSON card (replaced atomically; tensors untouched)."""
+def write_decode_to_card(weights, result: dict, validation: dict | None = None) -> Path:
+    """Store tuned settings (and the validation scores obtained with them, when given) in the
+    weights' JSON card, replaced atomically; the tensors are untouched."""
     from src_models.weights_io import weights_paths
 
     _, card_path = weights_paths(weights)
     card = json.loads(card_path.read_text())
     card["decode"] = dict(result["settings"])
-    card.setdefault("metrics", {})["decode_tuning"] = {
+    metrics = card.setdefault("metrics", {})
+    metrics["decode_tuning"] = {
         "on": "validation split", "n_images": result["n_images"], "before": result["before"],
         "after": result["after"], "objective": "mean F1@0.5 + mean AJI", "grid": result["grid"]}
+    if validation is not None:
+        metrics["validation"] = validation
     fd, tmp = tempfile.mkstemp(prefix=f".{card_path.name}.", dir=card_path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
