@@ -17,7 +17,7 @@ from napari_medseg.core.samples import load_sample, write_mosaic_zarr
 from napari_medseg.core.store import OutputStore
 from napari_medseg.review import labels_edited
 
-from conftest import SCREENSHOTS, save_screenshot
+from conftest import save_screenshot
 
 pytestmark = pytest.mark.gui
 
@@ -207,12 +207,7 @@ def test_screenshot_after_run_and_review(make_napari_viewer, qtbot, tmp_path):
     assert labels.selected_label == int(labels.features["index"].iloc[
         int(np.argmax(labels.features["uncertainty"]))])
     viewer.reset_view()
-    try:
-        path = save_screenshot(viewer, "segment_run")
-    except ImportError:  # conftest's helper predates napari 0.9 (no qimage_to_array)
-        SCREENSHOTS.mkdir(exist_ok=True)
-        path = SCREENSHOTS / "segment_run.png"
-        viewer.screenshot(path=str(path), canvas_only=False, flash=False)
+    path = save_screenshot(viewer, "segment_run")
     assert path.stat().st_size > 20_000
 
 
