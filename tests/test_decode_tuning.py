@@ -1,7 +1,6 @@
 """Decoding thresholds chosen on validation images, stored in the card, used by default."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
