@@ -243,13 +243,15 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "time_s": round(train_time, 1),
             "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
             "torch": torch.__version__,
+            "init": init_card and {"sha256": init_card["sha256"], "version": init_card.get("version"),
+                                   "steps_done": (init_card.get("training") or {}).get("steps_done")},
         },
         "metrics": {"validation": metrics} | ({"decode_tuning": {
             "on": "validation split", "n_images": tuning["n_images"], "before": tuning["before"],
             "after": tuning["after"], "objective": "mean F1@0.5 + mean AJI", "grid": tuning["grid"]}}
             if tuning else {}),
         **({"decode": decode} if decode else {}),
-        "parent": init_card and {"sha256": init_card["sha256"], "version": init_card.get("version")},
+        "parent": None,     # fine-tuned lineage only (versions.py); a warm start is training.init
         "version": f"{recipe.model}-{recipe.preset}-{data_name}",
     }
     card = save_weights(model.cpu(), out, card, half=True, overwrite=True)
