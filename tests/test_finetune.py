@@ -222,3 +222,24 @@ def test_batchnorm_statistics_frozen_or_followed(tmp_path, freeze_bn):
     encoder = [k for k in old if k.startswith("down1.") and k.endswith("weight")]
     assert encoder and all(torch.equal(old[k], new[k]) for k in encoder)   # encoder frozen
     assert not all(torch.equal(old[k], new[k]) for k in old if k.startswith("head."))
+
+
+def test_final_weights_compete_even_before_the_first_heldout_evaluation(tmp_path):
+    """A fine-tune ended (steps or time budget) before ``eval_every`` still scores its final weights
+    against the parent, and the child keeps the parent's decoding thresholds."""
+    import json
+
+    image, truth = nuclei((256, 256), n=40)
+    parent = parent_weights(tmp_path, base_width=8)
+    card_path = weights_paths(parent)[1]
+    card = json.loads(card_path.read_text())
+    card["decode"] = {"seed_threshold": 0.7, "foreground_threshold": 0.4, "min_area": 16}
+    card_path.write_text(json.dumps(card))
+    model = truth.copy()
+    for k in range(1, 13):
+        model[truth == k] = 0
+    settings = dataclasses.replace(SMALL, steps=3, eval_every=20, lr=3e-3, holdout_fraction=0.3)
+    result = drain(finetune_job(parent, image, truth, model, settings=settings))
+    assert result.heldout, "needs held-back windows for this test"
+    assert [step for step, _ in result.heldout] == [0, 3]
+    assert result.card["decode"] == card["decode"]

@@ -218,7 +218,7 @@ def finetune(parent, data: EditData, settings: FinetuneSettings = FinetuneSettin
 
 
 def _child_card(card, parent, data, settings, loop, replay_crops) -> dict:
-    kept = {k: card[k] for k in ("classes", "task", "normalization", "tile_size") if k in card}
+    kept = {k: card[k] for k in ("classes", "task", "normalization", "tile_size", "decode") if k in card}
     best_step, best = min(loop.heldout, key=lambda p: p[1]) if loop.heldout else (loop.step, None)
     return {
         **kept,
@@ -318,6 +318,8 @@ class _Loop:
             if self.stopped == "early stop":
                 break
         self.seconds = time.perf_counter() - started
+        if self.data.holdout and self.step and (not self.heldout or self.heldout[-1][0] != self.step):
+            self._evaluate()     # the final weights compete too (a time budget may end before eval_every)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
             best_step = min(self.heldout, key=lambda p: p[1])[0]
