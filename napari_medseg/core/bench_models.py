@@ -116,6 +116,8 @@ def starter_table(speed_rows: list[dict] | None = None) -> str:
         mean = ((card.get("metrics") or {}).get("validation") or {}).get("mean") or {}
         decode = card.get("decode") or {}
         stage1 = f" (+{train['pretrain_steps_done']})" if train.get("pretrain_steps_done") else ""
+        earlier = (train.get("init") or {}).get("steps_done")
+        stage1 += f", after {earlier} in earlier runs" if earlier else ""
         speed = speeds.get(name, {})
         cpu = (f"{speed['lite_cpu_mpx_s']:.3f} ({speed['speed_vs_fastest']:.2f})" if "lite_cpu_mpx_s" in speed
                else "—")
