@@ -247,7 +247,8 @@ def save_plot(report: dict, path: str | Path) -> Path | None:
             gains = [r["after"][domain][metric] - b[domain][metric] for r in report["rows"]]
             label = f"{domain} domain {metric.upper()}"
             axes[0].plot(ks, gains, style, label=label)
-            axes[1].plot(secs, gains, style, label=label)
+            by_time = sorted(zip(secs, gains))
+            axes[1].plot([t for t, _ in by_time], [g for _, g in by_time], style, label=label)
     for ax, xlabel in zip(axes, ("corrected objects K", "fine-tune wall time (s)")):
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel(xlabel)
