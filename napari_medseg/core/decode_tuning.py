@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +74,9 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
     for _ in range(passes):
         changed = False
         for name, values in GRID.items():
+            current = getattr(best, name)      # already scored: try every other value once
             for value in values:
-                if getattr(best, name) == value:
+                if value == current:
                     continue
                 trial = dataclasses.replace(best, **{name: value})
                 scores = _score(probabilities, truths, trial)
@@ -94,7 +93,7 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
 def write_decode_to_card(weights, result: dict, validation: dict | None = None) -> Path:
     """Store tuned settings (and the validation scores obtained with them, when given) in the
     weights' JSON card, replaced atomically; the tensors are untouched."""
-    from src_models.weights_io import weights_paths
+    from src_models.weights_io import weights_paths, write_json_atomic
 
     _, card_path = weights_paths(weights)
     card = json.loads(card_path.read_text())
@@ -105,12 +104,5 @@ def write_decode_to_card(weights, result: dict, validation: dict | None = None) 
         "after": result["after"], "objective": "mean F1@0.5 + mean AJI", "grid": result["grid"]}
     if validation is not None:
         metrics["validation"] = validation
-    fd, tmp = tempfile.mkstemp(prefix=f".{card_path.name}.", dir=card_path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(card, handle, indent=2)
-        os.replace(tmp, card_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(card_path, card)
     return card_path
