@@ -374,3 +374,5 @@ def run_demo(args) -> None:
     from ._widgets.demo_window import open_demo
 
     open_demo(load_sample(args.sample), args.sample, args.screenshot)
+    if args.screenshot:
+        print(f"screenshot: {args.screenshot}")

@@ -56,6 +56,13 @@ def _atomic_write(final: Path, write) -> None:
         raise
 
 
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as indented JSON to ``path`` in one step (a temporary file renamed into place),
+    so readers never see a half-written card or pointer file."""
+    final = Path(path)
+    _atomic_write(final, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
 def save_weights(model: SegmentationModel, path: str | os.PathLike, card: dict | None = None,
                  half: bool = False, overwrite: bool = False) -> dict:
     """Save ``model`` as safetensors + JSON card.

@@ -17,7 +17,6 @@ def open_demo(image: np.ndarray, name: str, screenshot: str | None = None) -> No
     if screenshot:
         def shoot():
             viewer.screenshot(path=screenshot, canvas_only=False, flash=False)
-            print(f"screenshot: {screenshot}")
             viewer.close()
 
         QTimer.singleShot(2000, shoot)

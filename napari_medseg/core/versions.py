@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src_models import WeightsError, read_card, save_weights
-from src_models.weights_io import weights_paths
+from src_models.weights_io import weights_paths, write_json_atomic
 
 ENV_VAR = "NAPARI_MEDSEG_MODELS"
 WEIGHTS_STEM = "weights"
@@ -308,14 +308,7 @@ def read_active(architecture: str, root: Path | None = None) -> dict:
 def _write_active(architecture: str, data: dict, root: Path | None) -> None:
     path = _active_file(architecture, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{ACTIVE_FILE}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, data)
 
 
 def resolve(architecture: str, key: str | None, root: Path | None = None) -> Path | None:
