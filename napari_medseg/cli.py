@@ -28,8 +28,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--tile", type=int, help="tile size in pixels (default: chosen per model)")
     p.add_argument("--overlap", type=int, help="tile overlap / halo in pixels (default: chosen per model)")
     p.add_argument("--batch", type=int, help="tiles per forward pass (default: from the device's memory)")
-    p.add_argument("--superblock", type=int, default=2048,
-                   help="edge of the blocks work is split into (multiple of 512; default 2048)")
+    p.add_argument("--superblock", type=int,
+                   help="edge of the blocks work is split into (multiple of 512; default 2048, "
+                        "1024 for models with many maps such as pranet_v2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples for V-UNet uncertainty (0 = off)")
     p.add_argument("--region", help="only this region, as y0:y1,x0:x1")

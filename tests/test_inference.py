@@ -289,3 +289,37 @@ def test_labels_array_and_pyramid_for_the_instance_step(tmp_path):
     assert np.all(store.labels(1)[0:32, 0:32] == 7)
     with pytest.raises(ValueError, match="aligned"):
         store.write_labels((10, 74, 0, 64), labels)
+
+
+def test_auto_superblock_keeps_two_blocks_of_maps_small(tmp_path):
+    """Many map channels (PraNet-V2: 16) → 1024² blocks; few → 2048²; always a chunk multiple."""
+    from src_models import create_model
+
+    from napari_medseg.core.inference_plan import BLOCK_MAP_BUDGET, MapInfo, auto_superblock
+
+    def maps(channels):
+        return tuple(MapInfo(f"m{i}", 1, "map", (0.0, 1.0), "") for i in range(channels))
+
+    assert auto_superblock(maps(3), 512) == 2048
+    assert auto_superblock(maps(16), 512) == 1024
+    assert auto_superblock(maps(16), 768) == 1536          # rounded up to whole chunks
+    assert auto_superblock(maps(200), 256) == 512          # never below 512
+    for channels in (3, 6, 16):
+        edge = auto_superblock(maps(channels), 512)
+        assert channels * 4 * edge ** 2 <= BLOCK_MAP_BUDGET
+    model = create_model("pranet_v2", "lite", in_channels=3, num_classes=3)
+    image = np.random.default_rng(0).random((300, 300, 3), dtype=np.float32)
+    prepared = prepare_run(image, model, None, tmp_path / "p.zarr", InferenceSettings(device="cpu"))
+    assert prepared.store.layout.superblock == 1024
+    with pytest.raises(ValueError, match="multiple of chunk"):
+        InferenceSettings(superblock=1000)
+
+
+def test_trim_heap_returns_memory_on_glibc():
+    from napari_medseg.core.memory import trim_heap
+
+    import platform
+    import sys
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert trim_heap() is glibc        # glibc: malloc_trim ran; elsewhere a no-op

@@ -27,6 +27,7 @@ from typing import Generator
 
 from .inference_plan import (InferenceSettings, PreparedRun, RunPlan, choose_device,  # noqa: F401
                              prepare_run, shrink_tiles)
+from .memory import trim_heap
 from .progress import Progress
 from .store import OutputStore
 from .tile_runner import BlockInput, BlockReport, TileRunner, TileTooLarge, read_block
@@ -216,6 +217,7 @@ class _Run:
 
     def _write(self, block: Block, maps: dict, nonfinite: int) -> None:
         _write_block(self.store, block, maps, nonfinite)
+        trim_heap()
         self.written.append(block.region)
 
     def _progress(self, message: str) -> Progress:

@@ -20,6 +20,7 @@ from .decode_tuning import decode_settings_for
 from .devices import pick_device
 from .inference import InferenceSettings, RunResult, segment
 from .instances import DecodeSettings, block_regions, instances_blockwise
+from .memory import trim_heap
 from .progress import JobGenerator
 from .rerun import snapshot_model_labels
 from .resources import starter_weights
@@ -125,6 +126,7 @@ def decode_store(store: OutputStore, decode: DecodeSettings = DecodeSettings(), 
         # A pristine copy of the model's labels, block by block, so "Fine-tune on edits" can tell
         # the user's corrections from the model's output later (the layer edits ``labels``).
         snapshot_model_labels(store, record.region)
+        trim_heap()
         yield record
     status = "complete" if store.status("labels")["status"] == "complete" else "incomplete"
     store.set_stage_status("labels", status, decode=dataclasses.asdict(decode), halo=halo)
