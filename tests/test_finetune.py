@@ -20,7 +20,7 @@ from napari_medseg.core import versions
 from napari_medseg.core.augment import sample_batch
 from napari_medseg.core.edits import EditError
 from napari_medseg.core.finetune import FinetuneSettings, finetune, finetune_job
-from napari_medseg.core.finetune_data import build_edit_data
+from napari_medseg.core.finetune_data import build_edit_data, weight_edits
 from napari_medseg.core.progress import drain
 from napari_medseg.core.replay import load_replay, replay_dir
 from napari_medseg.core.targets import instances_to_classes
@@ -243,3 +243,30 @@ def test_final_weights_compete_even_before_the_first_heldout_evaluation(tmp_path
     assert result.heldout, "needs held-back windows for this test"
     assert [step for step, _ in result.heldout] == [0, 3]
     assert result.card["decode"] == card["decode"]
+
+
+def test_edit_crops_carry_their_share_of_the_loss():
+    """An edit crop supervises a few hundred pixels, a replay crop all of them: weighted, the edits
+    carry ``edit_share`` of the loss; the loss value is the weighted mean the masks define."""
+    edit = torch.zeros(3, 64, 64)
+    edit[:, 20:30, 20:30] = 1.0                      # 300 supervised pixels
+    replay = torch.ones(5, 64, 64)                   # 20,480
+    weighted = weight_edits(edit, replay, 0.5)
+    assert float(weighted.sum()) == pytest.approx(float(replay.sum()))
+    assert float(weighted[:, 0, 0].abs().sum()) == 0.0   # unsupervised stays unsupervised
+    share = weight_edits(edit, replay, 0.3).sum() / (
+        weight_edits(edit, replay, 0.3).sum() + replay.sum())
+    assert float(share) == pytest.approx(0.3)
+    assert torch.equal(weight_edits(edit, replay, 0.0), edit)
+    assert torch.equal(weight_edits(edit, torch.zeros(5, 64, 64), 0.5), edit)
+    # masked cross-entropy follows the weights: all-wrong edits now move the loss by half
+    from src_models.losses import masked_cross_entropy
+    logits = torch.zeros(8, 3, 64, 64)
+    logits[:, 0] = 10.0                               # predicts background everywhere
+    labels = torch.zeros(8, 64, 64, dtype=torch.long)
+    labels[:3, 20:30, 20:30] = 1                      # the edits are interior
+    plain = masked_cross_entropy(logits, labels, torch.cat([edit, replay]))
+    balanced = masked_cross_entropy(logits, labels, torch.cat([weighted, replay]))
+    assert float(plain) < 0.2 < 4.0 < float(balanced)
+    with pytest.raises(ValueError, match="edit_share"):
+        FinetuneSettings(edit_share=1.0)

@@ -52,7 +52,7 @@ from src_models.losses import masked_cross_entropy
 from .augment import sample_batch
 from .devices import pick_device
 from .edits import EditError
-from .finetune_data import EditData, build_edit_data
+from .finetune_data import EditData, build_edit_data, weight_edits
 from .progress import JobGenerator, Progress
 from .replay import load_replay
 from .training import lr_factor, param_groups, train_step
@@ -76,6 +76,9 @@ class FinetuneSettings:
     grad_clip: float = 5.0
     edit_batch: int = 3                 # edit crops per batch
     replay_batch: int = 5               # replay crops per batch (0: no replay; forgets)
+    edit_share: float = 0.5             # share of each batch's loss carried by the edit crops
+    #   (an edit crop supervises ~1 % of its pixels, a replay crop all of them: unweighted, the
+    #   edits were ~1 % of the loss); 0: plain pixel mean
     crop: int | None = None             # crop edge; default the weights' training tile (or 256)
     context: int = 32                   # image context around each edit (pixels)
     ring: int = 4                       # agreed background around edited objects counted as truth
@@ -95,6 +98,8 @@ class FinetuneSettings:
             raise ValueError("steps and edit_batch must be at least 1, replay_batch at least 0")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.edit_share < 1:
+            raise ValueError(f"edit_share must be in [0, 1), got {self.edit_share}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -333,6 +338,7 @@ class _Loop:
         batch = sample_batch(self.data.items, self.edit_batch, crop, self.rng)
         if self.replay_batch:
             extra = sample_batch(self.replay, self.replay_batch, crop, self.rng)
+            batch["valid"] = weight_edits(batch["valid"], extra["valid"], self.settings.edit_share)
             batch = {k: torch.cat([batch[k], extra[k]]) for k in batch}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 

@@ -217,3 +217,14 @@ def _split(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
     n = max(1, int(round(fraction * len(pairs))))
     held = set(order[:n].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def weight_edits(edit_valid: torch.Tensor, replay_valid: torch.Tensor, share: float) -> torch.Tensor:
+    """The edit crops' ``(b, H, W)`` float support mask scaled so that they carry ``share`` of the
+    batch's loss weight next to the replay crops' ``(r, H, W)`` mask (the losses divide by the
+    mask's sum, so the mask is a per-pixel weight); unchanged when ``share`` is 0 or a mask is empty.
+    """
+    edit, replay = float(edit_valid.sum()), float(replay_valid.sum())
+    if not share or edit <= 0 or replay <= 0:
+        return edit_valid
+    return edit_valid * (share / (1 - share) * replay / edit)
