@@ -44,12 +44,37 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def temporary_sibling(final: Path) -> Path:
+    """A fresh hidden temporary file next to ``final`` (same filesystem, so renaming it onto
+    ``final`` is atomic), with the permissions a plain ``open(final, "w")`` would give it
+    (``mkstemp`` makes it owner-only, 0600, which colleagues could not read once renamed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def temporary_folder(parent: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent`` with the permissions of a plain ``mkdir`` (not 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
 def _atomic_write(final: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``final`` (same folder, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
+    tmp = temporary_sibling(final)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())   # writers that recreate the file (safetensors) reset it
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from skimage.draw import disk, polygon as draw_polygon
 from skimage.measure import regionprops
 
 from napari_medseg import cli
-from napari_medseg.core import bench_export, export_source
+from napari_medseg.core import bench_export
 from napari_medseg.core.export import export_labels, export_label_tiff, label_dtype, pyramid_shapes
 from napari_medseg.core.export_source import ExportError, open_label_source
 from napari_medseg.core.progress import drain
@@ -30,6 +30,7 @@ from napari_medseg.core.store import MapInfo, OutputStore, StoreLayout
 from napari_medseg.export_job import (format_for_path, output_for, source_from_layer,
                                       source_from_layer_data)
 from napari_medseg._writer import write_labels
+from src_models import weights_io
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = {"model": "vunet", "weights_sha256": "ab" * 32, "date": "2026-01-02T03:04:05+00:00",
@@ -346,7 +347,7 @@ def test_read_only_folder_and_full_disk_give_clear_errors(tmp_path, labels, monk
         raise PermissionError(errno.EACCES, "Permission denied")
 
     with monkeypatch.context() as patch:
-        patch.setattr(export_source.tempfile, "mkstemp", refuse)
+        patch.setattr(weights_io.tempfile, "mkstemp", refuse)
         with pytest.raises(ExportError, match="cannot write to .*choose a folder"):
             drain(export_labels(labels, tmp_path / "r.tif"))
 
@@ -484,3 +485,24 @@ def test_napari_save_layers_writes_every_format_through_the_plugin(tmp_path, lab
     else:
         features = json.loads(target.read_text())["features"]
         assert len(features) == len(np.unique(labels)) - 1
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, labels):
+    """Atomic writes go through mkstemp (owner-only 0600); the finished files must be readable by
+    colleagues like any file the user makes (0666 minus the umask), and version folders likewise."""
+    import os
+    import stat
+
+    from src_models import create_model, save_weights
+    from src_models.weights_io import temporary_folder
+
+    old = os.umask(0o022)
+    try:
+        exported = drain(export_labels(labels, tmp_path / "perm.tif", "tiff")).path
+        save_weights(create_model("gca_resunet", "lite", in_channels=1, num_classes=3), tmp_path / "w")
+        folder = temporary_folder(tmp_path, ".v-")
+    finally:
+        os.umask(old)
+    for path in (exported, tmp_path / "w.safetensors", tmp_path / "w.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755

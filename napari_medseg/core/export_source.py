@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from src_models.weights_io import temporary_sibling
 
 from .instances import block_regions
 from .progress import JobGenerator, Progress
@@ -344,13 +345,6 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def temporary_sibling(final: Path) -> Path:
-    """A fresh hidden temporary path next to ``final`` (same filesystem, so rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def write_error(final: Path, exc: OSError) -> ExportError:

@@ -21,12 +21,11 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from src_models import WeightsError, read_card, save_weights
-from src_models.weights_io import weights_paths, write_json_atomic
+from src_models.weights_io import temporary_folder, weights_paths, write_json_atomic
 
 ENV_VAR = "NAPARI_MEDSEG_MODELS"
 WEIGHTS_STEM = "weights"
@@ -126,7 +125,7 @@ def write_weights(model, stem: str | os.PathLike, card: dict, half: bool = False
         raise VersionError(f"{tensors} already exists; choose another name (a fine-tune never "
                            "overwrites weights)")
     tensors.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=tensors.parent))
+    tmp = temporary_folder(tensors.parent, PARTIAL_PREFIX)
     try:
         written = save_weights(model, tmp / WEIGHTS_STEM, card, half=half)
         tmp_tensors, tmp_card = weights_paths(tmp / WEIGHTS_STEM)
@@ -156,7 +155,7 @@ def save_version(model, card: dict, root: Path | None = None, half: bool = False
     folder = arch_dir(model.name, root)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=folder))
+    tmp = temporary_folder(folder, PARTIAL_PREFIX)
     try:
         draft = save_weights(model, tmp / WEIGHTS_STEM,
                              {**card, "created": now.isoformat(timespec="microseconds")}, half=half)
