@@ -270,3 +270,37 @@ def test_edit_crops_carry_their_share_of_the_loss():
     assert float(plain) < 0.2 < 4.0 < float(balanced)
     with pytest.raises(ValueError, match="edit_share"):
         FinetuneSettings(edit_share=1.0)
+
+
+def test_weights_that_forget_the_original_domain_are_never_kept(tmp_path, monkeypatch):
+    """Scripted evaluations: step 2 wins the held-out edits but its replay loss rose 50 % (over the
+    10 % tolerance), step 4 is a little worse on the edits and within tolerance: step 4 is kept,
+    and its weights (not the last ones, not step 2's) are the ones written."""
+    image, truth = nuclei((256, 256), n=40)
+    parent = parent_weights(tmp_path, base_width=8)
+    model = truth.copy()
+    for k in range(1, 13):
+        model[truth == k] = 0
+    scripted = {"heldout": iter([1.0, 0.5, 0.7, 0.6]), "replay": iter([1.0, 1.5, 1.05, 2.0])}
+    snapshots = {}
+
+    def fake_loss(self, items):
+        if items is self.probe:
+            snapshots[self.step] = next(iter(self.model.state_dict().values())).clone()
+            return next(scripted["replay"])
+        if items is self.data.holdout:
+            return next(scripted["heldout"])
+        return 1.0                                  # edit_loss before/after: not scored here
+
+    monkeypatch.setattr(finetune_module._Loop, "_masked_ce", fake_loss)
+    settings = dataclasses.replace(SMALL, steps=6, eval_every=2, patience=10, lr=3e-3,
+                                   holdout_fraction=0.3, forgetting_tolerance=0.1)
+    result = drain(finetune_job(parent, image, truth, model, settings=settings))
+    ft = result.card["finetune"]
+    assert [s for s, _ in ft["replay_curve"]] == [0, 2, 4, 6]
+    assert ft["heldout_loss"]["best_step"] == 4 and ft["heldout_loss"]["best"] == 0.7
+    from src_models import load_weights
+    child, _ = load_weights(result.path, "cpu")
+    kept = next(iter(child.state_dict().values()))
+    assert torch.allclose(kept.float(), snapshots[4].float(), atol=1e-3)
+    assert not torch.allclose(snapshots[4].float(), snapshots[6].float(), atol=1e-3)

@@ -78,6 +78,9 @@ class FinetuneSettings:
     edit_share: float = 0.5             # share of each batch's loss carried by the edit crops
     #   (an edit crop supervises ~1 % of its pixels, a replay crop all of them: unweighted, the
     #   edits were ~1 % of the loss); 0: plain pixel mean
+    forgetting_tolerance: float | None = 0.1   # weights whose loss on replay crops (the starters'
+    #   domain) exceeds the parent's by more than this share are never kept (None: no check)
+    probe_crops: int = 8                # replay crops that measure forgetting at each evaluation
     crop: int | None = None             # crop edge; default the weights' training tile (or 256)
     context: int = 32                   # image context around each edit (pixels)
     ring: int = 4                       # agreed background around edited objects counted as truth
@@ -223,7 +226,8 @@ def finetune(parent, data: EditData, settings: FinetuneSettings = FinetuneSettin
 
 def _child_card(card, parent, data, settings, loop, replay_crops) -> dict:
     kept = {k: card[k] for k in ("classes", "task", "normalization", "tile_size", "decode") if k in card}
-    best_step, best = min(loop.heldout, key=lambda p: p[1]) if loop.heldout else (loop.step, None)
+    best_step = loop.best_step if loop.best_state is not None else loop.step
+    best = next((v for s, v in loop.heldout if s == best_step), None)
     return {
         **kept,
         "parent": {"sha256": card["sha256"], "version": card.get("version"), "path": str(parent)},
@@ -239,6 +243,7 @@ def _child_card(card, parent, data, settings, loop, replay_crops) -> dict:
             "heldout_curve": [[s, round(v, 5)] for s, v in loop.heldout],
             "heldout_loss": {"before": loop.heldout[0][1] if loop.heldout else None,
                              "best": best, "best_step": best_step},
+            "replay_curve": [[s, round(v, 5)] for s, v in loop.replay_curve],
             "edit_loss": loop.edit_loss,
             "warnings": loop.warnings,
         },
@@ -259,9 +264,13 @@ class _Loop:
         self.step, self.seconds, self.stopped = 0, 0.0, "steps"
         self.losses: list[float] = []
         self.heldout: list[tuple[int, float]] = []
+        self.replay_curve: list[tuple[int, float]] = []   # loss on the probe replay crops
+        self.probe = replay[::max(1, len(replay) // settings.probe_crops)][:settings.probe_crops] \
+            if replay and settings.forgetting_tolerance is not None else []
         self.edit_loss: dict = {}
         self.warnings: list[str] = []
-        self.best_state = None
+        self.best_state, self.best_step, self.best_score = None, 0, None
+        self.evaluated: list[int] = []
         self._place(self.device)
 
     def _place(self, device) -> None:
@@ -292,7 +301,8 @@ class _Loop:
     def run(self) -> JobGenerator[None]:
         s = self.settings
         self.edit_loss["before"] = self._masked_ce(self.data.items)
-        if self.data.holdout:
+        evaluating = bool(self.data.holdout or self.probe)
+        if evaluating:
             self._evaluate()
         started = time.perf_counter()
         self._train_mode()
@@ -311,8 +321,8 @@ class _Loop:
             self.step += 1
             self.losses.append(metrics["loss"])
             shown = {"loss": metrics["loss"], "fraction": max(self.step / s.steps, fraction)}
-            if self.data.holdout and self.step % s.eval_every == 0:
-                shown["heldout"] = self._evaluate()
+            if evaluating and self.step % s.eval_every == 0:
+                shown["heldout" if self.data.holdout else "replay_loss"] = self._evaluate()
                 self._train_mode()
                 if self._should_stop():
                     self.stopped = "early stop"
@@ -322,14 +332,14 @@ class _Loop:
             if self.stopped == "early stop":
                 break
         self.seconds = time.perf_counter() - started
-        if self.data.holdout and self.step and (not self.heldout or self.heldout[-1][0] != self.step):
+        if evaluating and self.step and self.evaluated[-1] != self.step:
             self._evaluate()     # the final weights compete too (a time budget may end before eval_every)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-            best_step = min(self.heldout, key=lambda p: p[1])[0]
-            if best_step == 0:
-                self.warnings.append("the held-back edits did not improve: the new version keeps "
-                                     "the parent's weights; correct more objects and try again")
+            if self.best_step == 0:
+                self.warnings.append("neither held-back edits improved without forgetting the "
+                                     "starters' domain: the new version keeps the parent's weights; "
+                                     "correct more objects and try again")
         self.edit_loss["after"] = self._masked_ce(self.data.items)
 
     def _batch(self) -> dict:
@@ -366,15 +376,32 @@ class _Loop:
         return None
 
     def _evaluate(self) -> float:
-        loss = self._masked_ce(self.data.holdout)
-        self.heldout.append((self.step, loss))
-        if loss <= min(v for _, v in self.heldout):
+        """Score the current weights; keep them when they are the best that did not forget.
+
+        Score: the loss on held-out edit windows (lower is better), or with none held out, the
+        step (the latest weights). Weights whose loss on the probe replay crops exceeds the
+        parent's (step 0) by more than ``forgetting_tolerance`` are not eligible: with few edits a
+        strong edit weight can win the held-out edits while wrecking the original domain.
+        """
+        loss = self._masked_ce(self.data.holdout) if self.data.holdout else None
+        if loss is not None:
+            self.heldout.append((self.step, loss))
+        eligible = True
+        if self.probe:
+            replay = self._masked_ce(self.probe)
+            self.replay_curve.append((self.step, replay))
+            eligible = replay <= self.replay_curve[0][1] * (1 + self.settings.forgetting_tolerance)
+        self.evaluated.append(self.step)
+        score = loss if loss is not None else -float(self.step)
+        if eligible and (self.best_score is None or score <= self.best_score):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        return loss
+            self.best_step, self.best_score = self.step, score
+        return loss if loss is not None else self.replay_curve[-1][1]
 
     def _should_stop(self) -> bool:
-        best_index = min(range(len(self.heldout)), key=lambda i: self.heldout[i][1])
-        return len(self.heldout) - 1 - best_index >= self.settings.patience
+        """``patience`` evaluations in a row without new best (eligible) weights."""
+        since_best = sum(1 for step in self.evaluated if step > self.best_step)
+        return since_best >= self.settings.patience
 
     @torch.no_grad()
     def _masked_ce(self, items) -> float:
@@ -389,8 +416,9 @@ class _Loop:
             ph, pw = (-h) % m, (-w) % m
             x = F.pad(x, (0, pw, 0, ph))
             logits = self.model(x)["logits"][..., :h, :w]
-            valid = item.valid.float()[None].to(self.device)
             labels = item.classes.long()[None].to(self.device)
+            valid = (torch.ones(labels.shape) if item.valid is None else item.valid.float()[None]
+                     ).to(self.device)
             n = float(valid.sum())
             total += float(masked_cross_entropy(logits.float(), labels, valid)) * n
             count += n
