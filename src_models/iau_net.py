@@ -175,6 +175,10 @@ class IAUNet(SegmentationModel):
     aux_kinds = ("attention",)
     translation_equivariant = True
     size_multiple = 2 ** DEPTH
+    # Tiled inference core edge: deformable convolution unfolds k² sampled copies of its input, so a
+    # lite forward pass at 1216² (1024 core + halo) peaks at ~1 GB on the CPU and a 16k² run at
+    # 2.19 GB; at 704² (512 core) it peaks at ~0.4 GB.
+    default_crop_tile = 512
 
     def __init__(self, config: IAUNetConfig):
         super().__init__(config)

@@ -117,3 +117,7 @@ def test_default_tile_settings_per_model():
     assert default_tile_settings(make(TinyPooledNet)).tile == 256
     custom = default_tile_settings(make(TinyEquivariantNet), tile=64, overlap=10)
     assert (custom.tile, custom.overlap, custom.covers_receptive_field) == (64, 12, None)
+    from src_models import create_model
+    iau = create_model("iau_net", "lite", in_channels=3, num_classes=3)
+    assert default_tile_settings(iau).tile == 512                 # declared: deformable conv memory
+    assert default_tile_settings(iau, tile=1024).tile == 1024     # the user's choice still wins

@@ -247,7 +247,8 @@ def default_tile_settings(model, card: dict | None = None, *, mode: str | None =
                           tile: int | None = None, overlap: int | None = None) -> TileSettings:
     """Tile settings for a model, each field overridable.
 
-    Crop mode (translation-equivariant models): cores of :data:`DEFAULT_CROP_TILE` and a halo of
+    Crop mode (translation-equivariant models): cores of ``model.default_crop_tile`` if the model
+    declares one (IAU-Net: 512, for memory), else :data:`DEFAULT_CROP_TILE`, and a halo of
     the measured receptive-field radius (:func:`receptive_radius`). Blend mode (the others): the
     training tile size from the weights card (``tile_size``, ``train_size`` or
     ``training.crop_size``/``patch_size``; else :data:`DEFAULT_BLEND_TILE`) and a quarter overlap.
@@ -258,7 +259,7 @@ def default_tile_settings(model, card: dict | None = None, *, mode: str | None =
         size = round_up(int(tile or training_tile_size(card) or DEFAULT_BLEND_TILE), m)
         over = int(overlap) if overlap is not None else int(size * DEFAULT_BLEND_OVERLAP)
         return TileSettings("blend", size, over, m)
-    size = int(tile or DEFAULT_CROP_TILE)
+    size = int(tile or getattr(model, "default_crop_tile", None) or DEFAULT_CROP_TILE)
     if overlap is not None:
         return TileSettings("crop", size, round_up(int(overlap), m), m)
     radius, covered = receptive_radius(model)
