@@ -3,7 +3,7 @@ image TCGA-G9-6362, scored on 6 other MoNuSeg and 12 DSB2018 validation images (
 
 Usage: python resources/figures/finetune_variants.py gca_resunet '{"name": {"lr": 0.0003}}' 30
 """
-import json, sys, time, dataclasses, numpy as np, torch
+import json, sys, time, numpy as np, torch
 torch.set_num_threads(1)
 from src_models import load_weights
 from napari_medseg.core.pipeline import load_model
