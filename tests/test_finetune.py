@@ -15,7 +15,7 @@ import tifffile
 import torch
 from skimage.draw import disk
 
-from napari_medseg.core import finetune as finetune_module
+from napari_medseg.core import finetune_loop
 from napari_medseg.core import versions
 from napari_medseg.core.augment import sample_batch
 from napari_medseg.core.edits import EditError
@@ -152,7 +152,7 @@ def test_reviewed_rectangle_alone_is_enough(tmp_path):
 def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
     image, truth = nuclei()
     parent = parent_weights(tmp_path, base_width=8)
-    real, calls = finetune_module.train_step, []
+    real, calls = finetune_loop.train_step, []
 
     def flaky(network, loss_fn, optimizer, batch, *args, **kwargs):
         calls.append(batch["image"].shape[0])
@@ -160,7 +160,7 @@ def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real(network, loss_fn, optimizer, batch, *args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "train_step", flaky)
+    monkeypatch.setattr(finetune_loop, "train_step", flaky)
     result = drain(finetune_job(parent, image, truth, edited(truth), settings=SMALL))
     assert calls[0] == 4 and set(calls[1:]) == {2}
     assert result.steps == SMALL.steps and "out of memory" in result.warnings[0]
@@ -292,7 +292,7 @@ def test_weights_that_forget_the_original_domain_are_never_kept(tmp_path, monkey
             return next(scripted["heldout"])
         return 1.0                                  # edit_loss before/after: not scored here
 
-    monkeypatch.setattr(finetune_module._Loop, "_masked_ce", fake_loss)
+    monkeypatch.setattr(finetune_loop.FinetuneLoop, "_masked_ce", fake_loss)
     settings = dataclasses.replace(SMALL, steps=6, eval_every=2, patience=10, lr=3e-3,
                                    holdout_fraction=0.3, forgetting_tolerance=0.1)
     result = drain(finetune_job(parent, image, truth, model, settings=settings))
