@@ -327,12 +327,16 @@ def show_run_steps(viewer, image_layer, store: OutputStore | str | Path):
             viewer.layers.remove(stale)
 
 
-def refresh_layers(layers, labels: bool = True) -> None:
-    """Re-read what napari shows of a run's layers (after the worker wrote a block)."""
+def layers_to_refresh(layers, labels: bool = True) -> list:
+    """The run's layers whose shown data should be re-read after the worker wrote a block: the
+    visible ones (hidden layers re-read when shown), labels only when ``labels``."""
     from napari.layers import Labels
 
-    for layer in layers:
-        if not labels and isinstance(layer, Labels):
-            continue
-        if layer.visible:
-            layer.refresh()
+    return [layer for layer in layers
+            if layer.visible and (labels or not isinstance(layer, Labels))]
+
+
+def refresh_layers(layers, labels: bool = True) -> None:
+    """Re-read what napari shows of a run's layers now (see :func:`layers_to_refresh`)."""
+    for layer in layers_to_refresh(layers, labels):
+        layer.refresh()

@@ -5,8 +5,12 @@ and 2048² zarr mosaics) so the suite stays fast on a shared CPU.
 """
 from __future__ import annotations
 
+import collections
 import os
+import sys
+import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -144,6 +148,30 @@ def test_edited_label_survives_rerun(make_napari_viewer, qtbot, tmp_path):
     assert (np.asarray(OutputStore.open(first.output, mode="r").labels()[36:45, 56:65]) == 777).any()
 
 
+class StallSampler(threading.Thread):
+    """Samples the GUI thread's Python stack whenever the test's timer has not ticked for
+    ``after`` seconds, so a failing responsiveness test says which code held the event loop."""
+
+    def __init__(self, ticks: list, after: float = 0.25, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.ticks, self.after, self.every = ticks, after, every
+        self.gui_thread = threading.get_ident()
+        self.samples: collections.Counter = collections.Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            if self.ticks and time.perf_counter() - self.ticks[-1] > self.after:
+                frame = sys._current_frames().get(self.gui_thread)
+                if frame is not None:
+                    stack = traceback.extract_stack(frame)[-12:]
+                    self.samples[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                             for f in reversed(stack))] += 1
+
+    def report(self, top: int = 5) -> str:
+        return "\n".join(f"{count} × {stack}" for stack, count in self.samples.most_common(top))
+
+
 BIG_GUI_SIZE = int(os.environ.get("MEDSEG_BIG_GUI", "0"))   # e.g. 16384: the issue's 16k² run (minutes)
 
 
@@ -168,10 +196,13 @@ def test_gui_stays_responsive_on_a_large_zarr(make_napari_viewer, qtbot, tmp_pat
                                    rss.append(process.memory_info().rss)))
     timer.start(50)
     started = time.perf_counter()
+    sampler = StallSampler(ticks)
+    sampler.start()
     texts = []
     outcome = run_and_wait(widget, qtbot, lambda record: texts.append(widget.status.text()),
                            timeout_ms=3_600_000 if big else RUN_TIMEOUT_MS)
     timer.stop()
+    sampler.stop.set()
     gaps, busy = np.diff(ticks), np.diff(gui_cpu)   # wall time, and GUI-thread CPU time, per gap
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
     growth = (max(rss) - rss[0]) / 1e6
@@ -179,6 +210,7 @@ def test_gui_stays_responsive_on_a_large_zarr(make_napari_viewer, qtbot, tmp_pat
           f"{gaps.max():.3f} s (GUI thread busy {busy[gaps.argmax()]:.3f} s of it), "
           f"most GUI work between ticks {busy.max():.3f} s, load {load:.1f} per CPU, "
           f"resident memory {rss[0] / 1e6:.0f} MB → peak {max(rss) / 1e6:.0f} MB (+{growth:.0f} MB)")
+    print("GUI thread when the timer stalled (samples every 50 ms):\n" + sampler.report())
     assert outcome.result.maps.status == "complete"
     assert any("Segmenting tiles" in t and " left" in t for t in texts)   # per-tile time estimate
     assert busy.max() < 0.5             # the GUI thread never works 0.5 s without returning

@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPus
 
 from ..core.inference_plan import InferenceSettings
 from ..core.store import OutputStore
-from ..layer_data import medseg_info, refresh_layers, run_layers_of, show_run_steps
+from ..layer_data import layers_to_refresh, medseg_info, run_layers_of, show_run_steps
 from ..review import edited_region, record_label_edit, uncertainty_source, view_region
 from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_output_path,
                            image_source_from_layer, output_path, segment_job, SegmentRequest)
@@ -30,6 +30,7 @@ from ._worker import start_job, update_progress_bar
 
 RUN_KEYS, CANCEL_KEYS, NEXT_KEYS = "Ctrl+Shift+R", "Ctrl+Shift+X", "Ctrl+Shift+U"
 REFRESH_MS = 400          # at most one re-read of the shown layers per this interval during a run
+REFRESH_STEP_MS = 15      # the layers are re-read one per event-loop turn, this far apart
 BAR_MS = 250              # at most one update of napari's progress bar per this interval
 STAGES = {"loading": "Loading weights", "preparing": "Preparing", "tiles": "Segmenting tiles",
           "instances": "Finding objects", "objects": "Measuring objects"}
@@ -64,6 +65,10 @@ class SegmentWidget(QWidget):
         self._refresh_labels = False
         self._refresh_timer = QTimer(self, singleShot=True, interval=REFRESH_MS)
         self._refresh_timer.timeout.connect(self._refresh_now)
+        self._stale: list = []    # layers still to re-read, one per event-loop turn
+        self._complete_pending = False   # the run ends once the stale layers are re-read
+        self._refresh_step_timer = QTimer(self, interval=REFRESH_STEP_MS)
+        self._refresh_step_timer.timeout.connect(self._refresh_one)
         self._shown = False       # this run's layers are (being) added
         self._adding = None       # layers still to add, one per event-loop turn
         self._add_timer = QTimer(self, interval=10)
@@ -246,7 +251,14 @@ class SegmentWidget(QWidget):
         if self.worker is not None or self._adding is not None:
             return
         self._refresh_labels = True
+        self._complete_pending = True
         self._refresh_now()
+        if not self._stale and not self._refresh_timer.isActive():
+            self._complete_run()
+
+    def _complete_run(self) -> None:
+        """Once the last refresh is shown: features, summary, controls back, ``run_finished``."""
+        self._complete_pending = False
         if self.outcome is not None:
             self._report(self.outcome)
         self.form.set_running(False)
@@ -333,8 +345,25 @@ class SegmentWidget(QWidget):
         if self._adding is not None:
             return   # the layers still being added read fresh data anyway
         layers = [layer for layer in self._layers if layer in self.viewer.layers]
-        refresh_layers(layers, labels=self._refresh_labels)
+        fresh = layers_to_refresh(layers, labels=self._refresh_labels)
+        self._stale += [layer for layer in fresh if layer not in self._stale]
         self._refresh_labels = False
+        if self._stale and not self._refresh_step_timer.isActive():
+            self._refresh_step_timer.start()
+
+    def _refresh_one(self) -> None:
+        """Re-read one stale layer: napari slices each synchronously on this thread, so doing
+        them one per turn keeps every pause short however many map layers a model shows."""
+        if self._in_bar_update:
+            return
+        if not self._stale:
+            self._refresh_step_timer.stop()
+            if self._complete_pending:
+                self._complete_run()
+            return
+        layer = self._stale.pop(0)
+        if layer in self.viewer.layers:
+            layer.refresh()
 
     def _labels_layer(self) -> Labels | None:
         name = self._image_name or self.form.image.currentText()
