@@ -54,6 +54,8 @@ class FinetuneSettings:
     #   (an edit crop supervises ~1 % of its pixels, a replay crop all of them: unweighted, the
     #   edits are ~1 % of the loss); 0 (default): plain pixel mean. 0.25-0.5 gain more on the new
     #   domain but cost the original domain more than 0.02 AJI at some K (README table)
+    anchor: float = 0.0                 # after each step, weights move back towards the parent's by
+    #   lr × anchor × (w − w_parent) (L2-SP, decoupled like AdamW's decay); 0: no pull
     forgetting_tolerance: float | None = 0.1   # weights whose loss on replay crops (the starters'
     #   domain) exceeds the parent's by more than this share are never kept (None: no check)
     probe_crops: int = 8                # replay crops that measure forgetting at each evaluation
@@ -76,6 +78,8 @@ class FinetuneSettings:
             raise ValueError("steps and edit_batch must be at least 1, replay_batch at least 0")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.anchor < 0:
+            raise ValueError(f"anchor must be at least 0, got {self.anchor}")
         if not 0 <= self.edit_share < 1:
             raise ValueError(f"edit_share must be in [0, 1), got {self.edit_share}")
 

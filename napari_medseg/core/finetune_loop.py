@@ -47,6 +47,9 @@ class FinetuneLoop:
         self.best_state, self.best_step, self.best_score = None, 0, None
         self.evaluated: list[int] = []
         self._place(self.device)
+        self.parent = {name: p.detach().clone() for name, p in model.named_parameters()} \
+            if settings.anchor else {}
+        self._names = {id(p): name for name, p in model.named_parameters()}
 
     def _place(self, device) -> None:
         self.device = torch.device(device)
@@ -93,6 +96,7 @@ class FinetuneLoop:
             if metrics is None:
                 yield Progress("finetune", self.step, s.steps, self.warnings[-1], {"fraction": fraction})
                 continue
+            self._pull_towards_parent()
             self.step += 1
             self.losses.append(metrics["loss"])
             shown = {"loss": metrics["loss"], "fraction": max(self.step / s.steps, fraction)}
@@ -116,6 +120,19 @@ class FinetuneLoop:
                                      "starters' domain: the new version keeps the parent's weights; "
                                      "correct more objects and try again")
         self.edit_loss["after"] = self._masked_ce(self.data.items)
+
+    @torch.no_grad()
+    def _pull_towards_parent(self) -> None:
+        """L2-SP in decoupled form: w ← w − lr · anchor · (w − w_parent) for every trained weight,
+        so the edits move the model only as far as they keep pulling it."""
+        if not self.parent:
+            return
+        for group in self.optimizer.param_groups:
+            rate = min(1.0, group["lr"] * self.settings.anchor)
+            for param in group["params"]:
+                if param.requires_grad:
+                    start = self.parent[self._names[id(param)]].to(param.device)
+                    param.sub_(rate * (param - start))
 
     def _batch(self) -> dict:
         crop = self.settings.crop
