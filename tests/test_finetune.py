@@ -304,3 +304,29 @@ def test_weights_that_forget_the_original_domain_are_never_kept(tmp_path, monkey
     kept = next(iter(child.state_dict().values()))
     assert torch.allclose(kept.float(), snapshots[4].float(), atol=1e-3)
     assert not torch.allclose(snapshots[4].float(), snapshots[6].float(), atol=1e-3)
+
+
+def test_anchor_pulls_the_weights_back_towards_the_parent(tmp_path):
+    """``anchor`` (L2-SP, decoupled): at lr × anchor = 1 every step returns each trained weight to
+    the parent's; at 0 the weights move; in between they move less than without it."""
+    from src_models import load_weights
+
+    image, truth = nuclei()
+    parent = parent_weights(tmp_path, base_width=4)
+    start = load_weights(parent)[0].state_dict()
+
+    def drift(anchor):
+        settings = dataclasses.replace(SMALL, steps=4, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0,
+                                       anchor=anchor, forgetting_tolerance=None,
+                                       holdout_fraction=0.0)   # the last weights are written
+        result = drain(finetune_job(parent, image, truth, edited(truth), settings=settings))
+        after = load_weights(result.path)[0]
+        return max(float((p.detach() - start[name]).abs().max())
+                   for name, p in after.named_parameters())
+
+    free, pulled, returned = drift(0.0), drift(100.0), drift(1 / 3e-3)
+    assert free > 1e-3
+    assert returned < 1e-6
+    assert pulled < free
+    with pytest.raises(ValueError, match="anchor"):
+        FinetuneSettings(anchor=-1.0)
