@@ -4,8 +4,8 @@ Fine-tuning on a few corrections of a new domain (e.g. H&E) without replay wipes
 one (DESIGN.md §9: fluorescence F1 0.78 → 0.00; frozen BatchNorm statistics alone did not help;
 4 edit crops + 4 replay crops per batch kept it at 0.75; with replay, frozen statistics do help:
 README). ``resources/replay/`` holds 256² crops of DSB2018 *training* images (never its validation
-split), each a PNG (grey or RGB) plus a uint16 TIFF of instance labels, listed in ``SOURCES.json`` with the intensity range of the whole source
-image, so a crop is normalised exactly as the image was during training.
+split), each a PNG (grey or RGB) plus a uint16 TIFF of instance labels, listed in ``SOURCES.json``
+with the intensity range of the whole source image, so a crop is normalised exactly as the image was during training.
 """
 from __future__ import annotations
 
