@@ -5,7 +5,8 @@ one (DESIGN.md §9: fluorescence F1 0.78 → 0.00; frozen BatchNorm statistics a
 4 edit crops + 4 replay crops per batch kept it at 0.75; with replay, frozen statistics do help:
 README). ``resources/replay/`` holds 256² crops of DSB2018 *training* images (never its validation
 split), each a PNG (grey or RGB) plus a uint16 TIFF of instance labels, listed in ``SOURCES.json``
-with the intensity range of the whole source image, so a crop is normalised exactly as the image was during training.
+with the intensity range of the whole source image, so a crop is normalised exactly as the image
+was during training.
 """
 from __future__ import annotations
 
