@@ -13,9 +13,9 @@ fluorescence, DESIGN.md §9), the edit crops' few supervised pixels weighted to 
 loss (``edit_share``, :func:`.finetune_data.weight_edits`), weights pulled back towards the parent's
 after every step (``anchor``, L2-SP), BatchNorm statistics kept at the parent's (``freeze_bn``: left
 to follow the edit + replay mixture they cost the original domain most of its accuracy drop), a fixed
-step and time budget, and early
-stopping on held-back edits: of the weights whose loss on 8 replay crops stays within 10 % of the
-parent's (no forgetting), those with the lowest held-out edit loss are saved. Mixed precision on CUDA.
+step and time budget, and early stopping on held-back edits: of the weights whose loss on 8 replay
+crops stays within 10 % of the parent's (no forgetting), those with the lowest held-out edit loss
+are saved. Mixed precision on CUDA.
 
 How these defaults were chosen (measured variants): README, "Fine-tuning on your corrections".
 Out of memory: the batch is halved, then training moves to the CPU, each time with a message.
