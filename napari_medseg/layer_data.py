@@ -26,6 +26,7 @@ import numpy as np
 
 from .core.store import LABELS, PROBS, MapInfo, OutputStore, is_engine_store
 from .core.targets import CLASS_NAMES
+from .display_cache import MirroredLevel, invalidate_layer, should_mirror
 
 MULTISCALE_MIN_PIXELS = 1024 * 1024        # smaller outputs are shown from level 0 only
 EDITABLE_LABELS_MAX_PIXELS = 4096 * 4096   # napari reads a whole plane of single-scale labels
@@ -52,17 +53,19 @@ class DecodedChannel:
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, array, channel: int, scale: float):
+    def __init__(self, array, channel: int, scale: float, mirror: MirroredLevel | None = None):
         self.array = array
         self.channel = channel
         self.scale = float(scale)
+        self.mirror = mirror   # in-memory copy of the channel (small-chunk levels), or None
         self.shape = tuple(int(n) for n in array.shape[1:])
         self.ndim = len(self.shape)
         self.size = int(np.prod(self.shape))
 
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
-        data = np.asarray(self.array[(self.channel, *key)], dtype=np.float32)
+        raw = self.mirror[key] if self.mirror is not None else self.array[(self.channel, *key)]
+        data = np.asarray(raw, dtype=np.float32)
         return data * self.scale if self.scale != 1.0 else data
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -128,7 +131,9 @@ def labels_layer_data(store: OutputStore, image_name: str, *, scale=(1.0, 1.0),
     if editable:
         data, multiscale = store.labels(0), False
     else:
-        data = [store.labels(level) for level in range(store.layout.levels)]
+        written = store.done_chunks(LABELS)
+        data = [_mirrored(store.labels(level), level, None, written)
+                for level in range(store.layout.levels)]
         multiscale = len(data) > 1
         data = data if multiscale else data[0]
     description = ("instance labels (edits are written to the output store)" if editable else
@@ -168,14 +173,26 @@ def _map_levels(store: OutputStore, info: MapInfo, channel: int, multiscale: boo
     attrs = dict(store.group[info.name].attrs).get("medseg_map", {})
     scale = float(attrs.get("scale", 1 / 255 if store.array(info.name).dtype == np.uint8 else 1.0))
     levels = range(store.layout.levels) if multiscale else range(1)
-    views = [DecodedChannel(store.array(info.name, level), channel, scale) for level in levels]
+    written = store.done_chunks("maps") if multiscale else None
+    views = []
+    for level in levels:
+        array = store.array(info.name, level)
+        mirror = _mirrored(array, level, channel, written)
+        views.append(DecodedChannel(array, channel, scale, mirror if mirror is not array else None))
     return views if multiscale else views[0]
+
+
+def _mirrored(array, level: int, channel: int | None, written):
+    """A :class:`MirroredLevel` of a small-chunk level (see :mod:`napari_medseg.display_cache`),
+    else ``array`` itself."""
+    return MirroredLevel(array, channel, written) if should_mirror(array, level) else array
 
 
 def _metadata(store: OutputStore, image_name: str, name: str, channel, kind: str,
               description: str) -> dict:
     return {METADATA_KEY: {"output": str(store.path), "image": image_name, "map": name,
                            "channel": channel, "kind": kind, "description": description,
+                           "chunk": store.layout.chunk,
                            "model": store.attrs.get("run", {}).get("model")}}
 
 
@@ -336,7 +353,23 @@ def layers_to_refresh(layers, labels: bool = True) -> list:
             if layer.visible and (labels or not isinstance(layer, Labels))]
 
 
+def invalidate_layers(layers, region: tuple[int, int, int, int] | None = None) -> None:
+    """The store changed in a level-0 ``region`` (None: anywhere): forget what the layers' in-memory
+    level copies hold of it, so their next refresh re-reads it."""
+    for layer in layers:
+        invalidate_layer(layer, region)
+
+
 def refresh_layers(layers, labels: bool = True) -> None:
-    """Re-read what napari shows of a run's layers now (see :func:`layers_to_refresh`)."""
+    """Re-read what napari shows of a run's layers now, after the store changed anywhere (see
+    :func:`layers_to_refresh`; hidden layers forget their copies and re-read when shown)."""
+    layers = list(layers)
+    invalidate_layers(layers if labels else [layer for layer in layers if not _is_labels(layer)])
     for layer in layers_to_refresh(layers, labels):
         layer.refresh()
+
+
+def _is_labels(layer) -> bool:
+    from napari.layers import Labels
+
+    return isinstance(layer, Labels)

@@ -28,7 +28,7 @@ from ..core.rerun import compare_job, model_labels, rerun_job
 from ..core.resources import starter_weights
 from ..finetune_layers import (FinetuneError, RunContext, capped_view, reviewed_mask, reviewed_regions,
                                run_context)
-from ..layer_data import medseg_info, refresh_layers, run_layers_of
+from ..layer_data import invalidate_layers, medseg_info, refresh_layers, run_layers_of
 from ..segment_job import image_source_from_layer
 from ._combo import refill_names
 from ._version_tree import VersionTree
@@ -307,6 +307,7 @@ class FinetuneWidget(QWidget):
 
     def _rerun_done(self, context: RunContext, result) -> None:
         # the re-run rewrote probabilities and maps too: re-read every layer of this run
+        invalidate_layers([context.layer])
         context.layer.refresh()
         refresh_layers([layer for layer in run_layers_of(self.viewer, context.image_layer.name)
                         if layer is not context.layer])

@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPus
 
 from ..core.inference_plan import InferenceSettings
 from ..core.store import OutputStore
-from ..layer_data import layers_to_refresh, medseg_info, run_layers_of, show_run_steps
+from ..layer_data import invalidate_layers, layers_to_refresh, medseg_info, run_layers_of, show_run_steps
 from ..review import edited_region, record_label_edit, uncertainty_source, view_region
 from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_output_path,
                            image_source_from_layer, output_path, segment_job, SegmentRequest)
@@ -203,6 +203,7 @@ class SegmentWidget(QWidget):
         if not self._bar_timer.isActive():
             self._bar_timer.start()
         if record.region is not None:
+            invalidate_layers(self._layers, record.region)
             self._refresh_labels |= record.stage == "instances"
             if not self._refresh_timer.isActive():
                 self._refresh_timer.start()
