@@ -99,6 +99,7 @@ def run_layers(store: OutputStore | str | Path, image_name: str, *, scale=None, 
     height, width = layout.image_shape
     multiscale = height * width > MULTISCALE_MIN_PIXELS and layout.levels > 1
     uncertainty_shown = False
+    written = store.done_chunks("maps") if multiscale else None   # read once for every map layer
     layers = []
     for info in layout.maps:
         for channel, suffix, description in displayed_channels(info):
@@ -116,7 +117,7 @@ def run_layers(store: OutputStore | str | Path, image_name: str, *, scale=None, 
                 "multiscale": multiscale,
                 "metadata": _metadata(store, image_name, info.name, channel, info.kind, description),
             }
-            layers.append((_map_levels(store, info, channel, multiscale), meta, "image"))
+            layers.append((_map_levels(store, info, channel, written), meta, "image"))
     layers.append(labels_layer_data(store, image_name, scale=scale, translate=translate,
                                     editable=editable_labels))
     return layers
@@ -169,11 +170,11 @@ def displayed_channels(info: MapInfo) -> list[tuple[int, str, str]]:
     return [(c, f"{suffix} {classes[c]}", info.description) for c in range(info.channels)]
 
 
-def _map_levels(store: OutputStore, info: MapInfo, channel: int, multiscale: bool):
-    attrs = dict(store.group[info.name].attrs).get("medseg_map", {})
-    scale = float(attrs.get("scale", 1 / 255 if store.array(info.name).dtype == np.uint8 else 1.0))
-    levels = range(store.layout.levels) if multiscale else range(1)
-    written = store.done_chunks("maps") if multiscale else None
+def _map_levels(store: OutputStore, info: MapInfo, channel: int, written: np.ndarray | None):
+    """A map channel's levels (``written``: the store's maps progress grid, or None for level 0 only)."""
+    scale = 1 / 255 if store.array(info.name).dtype == np.uint8 else 1.0   # as store.encode does
+    levels = range(store.layout.levels) if written is not None else range(1)
+    multiscale = written is not None
     views = []
     for level in levels:
         array = store.array(info.name, level)

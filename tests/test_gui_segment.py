@@ -157,6 +157,7 @@ class StallSampler(threading.Thread):
         self.ticks, self.after, self.every = ticks, after, every
         self.gui_thread = threading.get_ident()
         self.samples: collections.Counter = collections.Counter()
+        self.timeline: list[tuple[float, str]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -165,11 +166,18 @@ class StallSampler(threading.Thread):
                 frame = sys._current_frames().get(self.gui_thread)
                 if frame is not None:
                     stack = traceback.extract_stack(frame)[-12:]
-                    self.samples[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
-                                             for f in reversed(stack))] += 1
+                    text = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                       for f in reversed(stack))
+                    self.samples[text] += 1
+                    self.timeline.append((time.perf_counter(), text))
 
     def report(self, top: int = 5) -> str:
         return "\n".join(f"{count} × {stack}" for stack, count in self.samples.most_common(top))
+
+    def during(self, start: float, end: float, top: int = 3) -> str:
+        """The stacks sampled between two tick times (e.g. the longest gap's)."""
+        found = collections.Counter(text for t, text in self.timeline if start <= t <= end)
+        return "\n".join(f"{count} × {stack}" for stack, count in found.most_common(top))
 
 
 BIG_GUI_SIZE = int(os.environ.get("MEDSEG_BIG_GUI", "0"))   # e.g. 16384: the issue's 16k² run (minutes)
@@ -211,6 +219,8 @@ def test_gui_stays_responsive_on_a_large_zarr(make_napari_viewer, qtbot, tmp_pat
           f"most GUI work between ticks {busy.max():.3f} s, load {load:.1f} per CPU, "
           f"resident memory {rss[0] / 1e6:.0f} MB → peak {max(rss) / 1e6:.0f} MB (+{growth:.0f} MB)")
     print("GUI thread when the timer stalled (samples every 50 ms):\n" + sampler.report())
+    for what, at in (("longest gap", gaps.argmax()), ("most GUI work", busy.argmax())):
+        print(f"during the {what}:\n" + sampler.during(ticks[at], ticks[at + 1]))
     assert outcome.result.maps.status == "complete"
     assert any("Segmenting tiles" in t and " left" in t for t in texts)   # per-tile time estimate
     assert busy.max() < 0.5             # the GUI thread never works 0.5 s without returning

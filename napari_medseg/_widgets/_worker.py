@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from napari.qt.threading import GeneratorWorker, create_worker
 
+from ..core.progress import lower_thread_priority
+
 
 class ClosingGeneratorWorker(GeneratorWorker):
     """A napari ``GeneratorWorker`` that closes its generator on the worker thread when it stops.
@@ -10,10 +12,13 @@ class ClosingGeneratorWorker(GeneratorWorker):
     ``worker.quit()`` makes the worker stop at the job's next yield but leaves the generator
     suspended; closing it here runs the job's own cleanup at once and on this thread (the engine
     finishes the block it is writing and stops its prefetch pool), so the output store is
-    consistent as soon as ``finished`` is emitted and a new run can resume it.
+    consistent as soon as ``finished`` is emitted and a new run can resume it. The job runs at a
+    lower CPU priority than the GUI (:func:`lower_thread_priority`), so napari stays responsive
+    when the job keeps every core busy.
     """
 
     def work(self):
+        lower_thread_priority()
         try:
             return super().work()
         finally:

@@ -50,3 +50,32 @@ def drain(job: "JobGenerator[T]", on_progress=None) -> T:
             return stop.value
         if on_progress is not None:
             on_progress(record)
+
+
+BACKGROUND_NICENESS = 10   # how much lower than the GUI a job thread (and the threads it starts) runs
+
+
+def lower_thread_priority(increment: int = BACKGROUND_NICENESS) -> bool:
+    """Run the calling thread, and threads it starts later (e.g. PyTorch's CPU pool), at a lower
+    CPU priority than the main (GUI) thread, so that on a busy machine the GUI gets the CPU first.
+
+    Linux only (per-thread niceness); elsewhere, or when not permitted, does nothing. Idempotent:
+    a pooled thread that runs several jobs ends at the main thread's niceness + ``increment``.
+
+    Returns:
+        Whether the thread now runs at the lower priority.
+    """
+    import os
+    import sys
+    import threading
+
+    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + increment)
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+    except OSError:
+        return False
+    return True

@@ -1,11 +1,18 @@
-"""In-memory copies of small-chunk pyramid levels: correct values, few reads, invalidation."""
+"""Keeping the GUI responsive during runs: in-memory copies of small-chunk pyramid levels
+(correct values, few reads, invalidation) and job threads below the GUI's CPU priority."""
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import numpy as np
+import pytest
 from napari.components import ViewerModel
 from napari.layers import Layer
 
 from napari_medseg import layer_data
+from napari_medseg.core.progress import BACKGROUND_NICENESS, lower_thread_priority
 from napari_medseg.core.store import MapInfo, OutputStore, StoreLayout
 from napari_medseg.display_cache import MirroredLevel, should_mirror
 
@@ -94,3 +101,27 @@ def test_layers_show_new_blocks_after_invalidate_layers(tmp_path):
     _write_block(store, (0, 512, 0, 512), 0.0, 0)             # e.g. a re-run rewrote a block
     layer_data.refresh_layers(shown)                           # forgets everything, re-reads
     assert probs[4][:32, :32].max() == 0.0 and labels[4][:32, :32].max() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux only")
+def test_job_threads_run_below_the_gui_priority():
+    """A job thread (and the threads it starts) runs at a lower priority; the main thread keeps its own."""
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def child():
+        seen["child"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def job():
+        seen["lowered"] = lower_thread_priority() and lower_thread_priority()   # twice: idempotent
+        seen["job"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    expected = min(19, main + BACKGROUND_NICENESS)
+    assert seen == {"lowered": True, "job": expected, "child": expected}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
