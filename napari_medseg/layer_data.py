@@ -314,17 +314,24 @@ def show_run(viewer, image_layer, store: OutputStore | str | Path) -> list:
     return list(dict.fromkeys(show_run_steps(viewer, image_layer, store)))
 
 
-def show_run_steps(viewer, image_layer, store: OutputStore | str | Path):
+def show_run_steps(viewer, image_layer, store: OutputStore | str | Path | None,
+                   prepared: list[tuple] | None = None):
     """:func:`show_run` in small steps, so a GUI can return to its event loop between them.
 
     Yields each layer right after adding it hidden (napari then sets up its drawing, a few
     hundred ms, without reading data), and once more after showing it (reading what is in view).
+    ``prepared``: the :func:`run_layers` of the store for ``image_layer.name``, read on another
+    thread (``store`` is then not opened here); they are placed with the image's scale and offset.
     """
     from napari.layers import Layer
 
     scale = tuple(image_layer.scale[-2:])
     translate = tuple(image_layer.translate[-2:])
-    tuples = run_layers(store, image_layer.name, scale=scale, translate=translate)
+    if prepared is None:
+        tuples = run_layers(store, image_layer.name, scale=scale, translate=translate)
+    else:
+        tuples = [(data, {**meta, "scale": scale, "translate": translate}, kind)
+                  for data, meta, kind in prepared]
     old = {layer.name: layer for layer in run_layers_of(viewer, image_layer.name)}
     position = viewer.layers.index(image_layer) + 1
     for data, meta, kind in tuples:

@@ -23,6 +23,7 @@ from .core.io import ImageSource
 from .core.pipeline import SegmentationResult, load_model, run_segmentation
 from .core.progress import JobGenerator, Progress
 from .core.store import OutputStore, OutputStoreError, default_output_path, is_engine_store
+from .layer_data import run_layers
 from .review import labels_edited, object_table
 
 DEFAULT_OUTPUT_FOLDER = Path.home() / "napari-medseg"
@@ -50,6 +51,10 @@ class SegmentRequest:
         settings: engine settings (``overwrite`` stays False: see the module docstring).
         replace_edited: the user confirmed replacing hand-edited labels.
         summarize_objects: compute per-object uncertainty after the labels.
+        display_name: name of the image layer the outputs will be shown over; when set, the job
+            reads the output's layer data itself (:func:`~napari_medseg.layer_data.run_layers`)
+            and yields it once the output exists (stage ``"output"``, in ``payload``), so the GUI
+            thread never waits for the store while the engine is busy with it.
     """
 
     source: Any
@@ -59,6 +64,7 @@ class SegmentRequest:
     settings: InferenceSettings
     replace_edited: bool = False
     summarize_objects: bool = True
+    display_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ def segment_job(request: SegmentRequest) -> JobGenerator[JobOutcome]:
     model, card = load_model(name, request.weights, request.settings.device)
     yield Progress("preparing", 0, 0, "sampling image statistics, preparing the output")
     job, first, replaced = _start(request, model, card)
+    if request.display_name is not None:
+        layers = run_layers(OutputStore.open(request.output), request.display_name)
+        yield Progress("output", 0, 0, "output ready", payload=layers)
     if first is not None:
         yield first
     result = yield from job

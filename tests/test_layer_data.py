@@ -2,6 +2,7 @@
 (napari's ViewerModel, no window)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -78,6 +79,32 @@ def test_large_outputs_are_multiscale_and_huge_labels_read_only(tmp_path):
     assert not layers[-1][1]["multiscale"]                          # labels stay editable
     data, meta, _ = layer_data.run_layers(store, "big", editable_labels=False)[-1]
     assert meta["multiscale"] and meta["metadata"]["medseg"]["editable"] is False
+
+
+def test_job_hands_over_layer_data_read_off_the_gui_thread(tmp_path):
+    """With ``display_name`` the job yields the output's layer data once, before any block, and
+    ``show_run_steps`` shows it at the image's scale without opening the store itself."""
+    image = load_sample("fluorescence_small")
+    request = segment_job.SegmentRequest(image, "iau_net", "random", tmp_path / "n.medseg.zarr",
+                                         SETTINGS, display_name="nuclei")
+    records = []
+    outcome = drain(segment_job.segment_job(request), records.append)
+    stages = [r.stage for r in records]
+    assert stages.count("output") == 1 and stages.index("output") < stages.index("tiles")
+    prepared = records[stages.index("output")].payload
+    names = [meta["name"] for _, meta, _ in prepared]
+    assert names == [meta["name"] for _, meta, _ in layer_data.run_layers(outcome.output, "nuclei")]
+    assert all(r.payload is None for r in records if r.stage != "output")
+    viewer = ViewerModel()
+    shown = viewer.add_image(image, name="nuclei", scale=(0.5, 0.5))
+    layers = list(dict.fromkeys(layer_data.show_run_steps(viewer, shown, None, prepared)))
+    assert [layer.name for layer in layers] == names
+    assert all(tuple(layer.scale) == (0.5, 0.5) for layer in layers)
+    assert np.array_equal(viewer.layers["nuclei labels"].data[...],
+                          zarr.open_array(outcome.output / "labels" / "0", mode="r")[...])
+    plain = []
+    drain(segment_job.segment_job(dataclasses.replace(request, display_name=None)), plain.append)
+    assert "output" not in [r.stage for r in plain]
 
 
 def test_show_run_replaces_instead_of_duplicating(tmp_path):

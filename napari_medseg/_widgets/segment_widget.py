@@ -13,8 +13,8 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtGui import QKeySequence
-from qtpy.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QShortcut,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QHBoxLayout, QLabel, QProgressBar, QPushButton, QShortcut, QVBoxLayout,
+                            QWidget)
 
 from ..core.inference_plan import InferenceSettings
 from ..core.store import OutputStore
@@ -24,6 +24,7 @@ from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_out
                            image_source_from_layer, output_path, segment_job, SegmentRequest)
 from ..widget_state import load_state, save_state
 from ._combo import refill_names
+from ._dialogs import ask_about_edited_output
 from ._review_panel import ReviewPanel
 from ._segment_form import MODEL_TITLES, SegmentForm
 from ._worker import start_job, update_progress_bar
@@ -32,8 +33,8 @@ RUN_KEYS, CANCEL_KEYS, NEXT_KEYS = "Ctrl+Shift+R", "Ctrl+Shift+X", "Ctrl+Shift+U
 REFRESH_MS = 400          # at most one re-read of the shown layers per this interval during a run
 REFRESH_STEP_MS = 15      # the layers are re-read one per event-loop turn, this far apart
 BAR_MS = 250              # at most one update of napari's progress bar per this interval
-STAGES = {"loading": "Loading weights", "preparing": "Preparing", "tiles": "Segmenting tiles",
-          "instances": "Finding objects", "objects": "Measuring objects"}
+STAGES = {"loading": "Loading weights", "preparing": "Preparing", "output": "Output ready",
+          "tiles": "Segmenting tiles", "instances": "Finding objects", "objects": "Measuring objects"}
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MemoryError, RuntimeError)
 
 
@@ -70,6 +71,7 @@ class SegmentWidget(QWidget):
         self._refresh_step_timer = QTimer(self, interval=REFRESH_STEP_MS)
         self._refresh_step_timer.timeout.connect(self._refresh_one)
         self._shown = False       # this run's layers are (being) added
+        self._regions: list = []  # regions the run has written (layers added later forget them)
         self._adding = None       # layers still to add, one per event-loop turn
         self._add_timer = QTimer(self, interval=10)
         self._add_timer.timeout.connect(self._add_next_layer)
@@ -166,7 +168,8 @@ class SegmentWidget(QWidget):
             mc_samples=self.form.mc_samples.value() if self.form.offers_uncertainty() else 0,
             **self.advanced_settings)
         output = output_path(path, name, model, self.form.output.text().strip())
-        return SegmentRequest(source, model, self.form.weights_value(), output, settings)
+        return SegmentRequest(source, model, self.form.weights_value(), output, settings,
+                              display_name=name)
 
     def _start(self, request: SegmentRequest) -> None:
         self.request = request
@@ -174,6 +177,7 @@ class SegmentWidget(QWidget):
         self._image_name = self.form.image.currentText()
         self._layers = []
         self._shown = False
+        self._regions = []
         self._time_left = TimeLeft()
         title = MODEL_TITLES.get(request.model_name, request.model_name)
         self.worker = start_job(segment_job, request, f"MedSeg: {title} on {self._image_name}", {
@@ -187,7 +191,9 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ worker callbacks (GUI thread)
     def _on_progress(self, record) -> None:
-        if record.stage in ("tiles", "instances", "objects"):
+        if record.stage == "output":
+            self._show_layers(record.payload)   # layer data the worker read from the new output
+        elif record.stage in ("tiles", "instances", "objects"):
             self._show_layers()
         if record.total:
             self.progress.setMaximum(1000)
@@ -203,6 +209,7 @@ class SegmentWidget(QWidget):
         if not self._bar_timer.isActive():
             self._bar_timer.start()
         if record.region is not None:
+            self._regions.append(record.region)
             invalidate_layers(self._layers, record.region)
             self._refresh_labels |= record.stage == "instances"
             if not self._refresh_timer.isActive():
@@ -289,23 +296,18 @@ class SegmentWidget(QWidget):
     def ask_about_edited_output(self, error: EditedOutputError) -> str | None:
         """Ask what to do with an output holding hand-edited labels: ``"new"``, ``"replace"`` or
         None (do nothing). Tests replace this method."""
-        box = QMessageBox(QMessageBox.Question, "MedSeg: edited labels",
-                          f"{error.path.name} holds labels you edited, and this run uses other "
-                          f"settings ({error.reason}).", parent=self)
-        new = box.addButton("Keep edits, write a new output", QMessageBox.AcceptRole)
-        replace = box.addButton("Replace my edits", QMessageBox.DestructiveRole)
-        box.addButton(QMessageBox.Cancel)
-        box.exec_()
-        return {new: "new", replace: "replace"}.get(box.clickedButton())
+        return ask_about_edited_output(self, error.path.name, error.reason)
 
     # ------------------------------------------------------------------ layers
-    def _show_layers(self) -> None:
-        """Start adding the run's layers, one per event-loop turn (once per run)."""
+    def _show_layers(self, prepared: list | None = None) -> None:
+        """Start adding the run's layers, one per event-loop turn (once per run), from the layer
+        data the worker ``prepared`` or else read here."""
         if self._shown or self._image_name not in self.viewer.layers:
             return
         self._shown = True
         image = self.viewer.layers[self._image_name]
-        self._adding = show_run_steps(self.viewer, image, OutputStore.open(self.request.output))
+        store = None if prepared is not None else OutputStore.open(self.request.output)
+        self._adding = show_run_steps(self.viewer, image, store, prepared)
         self._add_timer.start()
 
     def _update_napari_bar(self) -> None:
@@ -333,6 +335,8 @@ class SegmentWidget(QWidget):
         if layer in self._layers:
             return   # the second step of a layer: it was just made visible
         self._layers.append(layer)
+        for region in self._regions:   # written after its data was prepared
+            invalidate_layers([layer], region)
         if isinstance(layer, Labels):
             layer.events.paint.connect(self._on_paint)
             if not medseg_info(layer).get("editable", True):

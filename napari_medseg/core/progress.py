@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generator, TypeVar
+from typing import Any, Generator, TypeVar
 
 T = TypeVar("T")
 
@@ -18,6 +18,8 @@ class Progress:
         message: one line for a status bar.
         metrics: numbers worth showing live, e.g. ``{"loss": 0.31}``.
         region: ``(y0, y1, x0, x1)`` of the image just written, so a viewer can refresh it.
+        payload: an object the job hands its consumer once, e.g. the output's layer data, read on
+            the job's thread so that a GUI does not wait for storage (None for most records).
     """
 
     stage: str
@@ -26,6 +28,7 @@ class Progress:
     message: str = ""
     metrics: dict = field(default_factory=dict)
     region: tuple[int, int, int, int] | None = None
+    payload: Any = None
 
     @property
     def fraction(self) -> float:
