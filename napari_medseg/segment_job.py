@@ -27,6 +27,7 @@ from .layer_data import run_layers
 from .review import labels_edited, object_table
 
 DEFAULT_OUTPUT_FOLDER = Path.home() / "napari-medseg"
+DISPLAY_WAIT_S = 10.0   # longest pause for the GUI to add the output's layers (see SegmentRequest)
 
 
 class EditedOutputError(OutputStoreError):
@@ -55,6 +56,9 @@ class SegmentRequest:
             reads the output's layer data itself (:func:`~napari_medseg.layer_data.run_layers`)
             and yields it once the output exists (stage ``"output"``, in ``payload``), so the GUI
             thread never waits for the store while the engine is busy with it.
+        display_ready: a ``threading.Event`` the GUI sets once it has added those layers; the job
+            waits for it (at most :data:`DISPLAY_WAIT_S`) before going on, so the engine does not
+            compete for the CPU with napari building them (a few hundred ms per layer).
     """
 
     source: Any
@@ -65,6 +69,7 @@ class SegmentRequest:
     replace_edited: bool = False
     summarize_objects: bool = True
     display_name: str | None = None
+    display_ready: Any = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ def segment_job(request: SegmentRequest) -> JobGenerator[JobOutcome]:
     if request.display_name is not None:
         layers = run_layers(OutputStore.open(request.output), request.display_name)
         yield Progress("output", 0, 0, "output ready", payload=layers)
+        if request.display_ready is not None:
+            request.display_ready.wait(DISPLAY_WAIT_S)
     if first is not None:
         yield first
     result = yield from job
@@ -100,6 +107,17 @@ def segment_job(request: SegmentRequest) -> JobGenerator[JobOutcome]:
     if request.summarize_objects and store.status("labels")["chunks_done"]:
         table = yield from object_table(store)
     return JobOutcome(result, table, Path(result.output), replaced, time.perf_counter() - started)
+
+
+def outcome_summary(outcome: JobOutcome) -> str:
+    """One line for the status bar: time, device, objects, labels status, output."""
+    result = outcome.result
+    objects = len(outcome.objects) if outcome.objects is not None else result.objects
+    if result.maps.blocks_run == 0 and result.maps.blocks_resumed:
+        return f"Already segmented (your edits are kept): {objects} objects. Output: {outcome.output}"
+    replaced = " (replacing an earlier output made with other settings)" if outcome.replaced else ""
+    return (f"Done in {outcome.seconds:.0f} s on {result.maps.device}: {objects} objects, "
+            f"labels {result.labels_status}. Output: {outcome.output}{replaced}")
 
 
 def _start(request: SegmentRequest, model, card):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -85,10 +86,21 @@ def test_job_hands_over_layer_data_read_off_the_gui_thread(tmp_path):
     """With ``display_name`` the job yields the output's layer data once, before any block, and
     ``show_run_steps`` shows it at the image's scale without opening the store itself."""
     image = load_sample("fluorescence_small")
+    class Shown(threading.Event):
+        """The GUI's 'layers added' signal, recording whether the job waited for it after which record."""
+        waited_after = None
+
+        def wait(self, timeout=None):
+            Shown.waited_after = records[-1].stage
+            return super().wait(timeout)
+
+    shown_event = Shown()
     request = segment_job.SegmentRequest(image, "iau_net", "random", tmp_path / "n.medseg.zarr",
-                                         SETTINGS, display_name="nuclei")
+                                         SETTINGS, display_name="nuclei", display_ready=shown_event)
     records = []
-    outcome = drain(segment_job.segment_job(request), records.append)
+    outcome = drain(segment_job.segment_job(request),
+                    lambda r: (records.append(r), r.stage == "output" and shown_event.set()))
+    assert Shown.waited_after == "output"   # the engine paused while the GUI added the layers
     stages = [r.stage for r in records]
     assert stages.count("output") == 1 and stages.index("output") < stages.index("tiles")
     prepared = records[stages.index("output")].payload
@@ -103,7 +115,8 @@ def test_job_hands_over_layer_data_read_off_the_gui_thread(tmp_path):
     assert np.array_equal(viewer.layers["nuclei labels"].data[...],
                           zarr.open_array(outcome.output / "labels" / "0", mode="r")[...])
     plain = []
-    drain(segment_job.segment_job(dataclasses.replace(request, display_name=None)), plain.append)
+    drain(segment_job.segment_job(dataclasses.replace(request, display_name=None, display_ready=None)),
+          plain.append)
     assert "output" not in [r.stage for r in plain]
 
 

@@ -8,6 +8,7 @@ runs on the GUI thread. Cancel is ``worker.quit()``, honoured at the job's next 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -21,7 +22,8 @@ from ..core.store import OutputStore
 from ..layer_data import invalidate_layers, layers_to_refresh, medseg_info, run_layers_of, show_run_steps
 from ..review import edited_region, record_label_edit, uncertainty_source, view_region
 from ..segment_job import (EditedOutputError, TimeLeft, format_seconds, free_output_path,
-                           image_source_from_layer, output_path, segment_job, SegmentRequest)
+                           image_source_from_layer, outcome_summary, output_path, segment_job,
+                           SegmentRequest)
 from ..widget_state import load_state, save_state
 from ._combo import refill_names
 from ._dialogs import ask_about_edited_output
@@ -72,6 +74,7 @@ class SegmentWidget(QWidget):
         self._refresh_step_timer.timeout.connect(self._refresh_one)
         self._shown = False       # this run's layers are (being) added
         self._regions: list = []  # regions the run has written (layers added later forget them)
+        self._display_ready = threading.Event()
         self._adding = None       # layers still to add, one per event-loop turn
         self._add_timer = QTimer(self, interval=10)
         self._add_timer.timeout.connect(self._add_next_layer)
@@ -145,6 +148,7 @@ class SegmentWidget(QWidget):
         if self.worker is None:
             return
         self._next_request = None
+        self._display_ready.set()
         self.worker.quit()
         self.cancel_button.setEnabled(False)
         self.status.setText("Cancelling: stopping after the current tile…")
@@ -172,7 +176,8 @@ class SegmentWidget(QWidget):
                               display_name=name)
 
     def _start(self, request: SegmentRequest) -> None:
-        self.request = request
+        self._display_ready = threading.Event()   # the job waits while the layers are added
+        request = self.request = dataclasses.replace(request, display_ready=self._display_ready)
         self.outcome = None
         self._image_name = self.form.image.currentText()
         self._layers = []
@@ -193,6 +198,8 @@ class SegmentWidget(QWidget):
     def _on_progress(self, record) -> None:
         if record.stage == "output":
             self._show_layers(record.payload)   # layer data the worker read from the new output
+            if self._adding is None:
+                self._display_ready.set()
         elif record.stage in ("tiles", "instances", "objects"):
             self._show_layers()
         if record.total:
@@ -280,17 +287,10 @@ class SegmentWidget(QWidget):
             labels.metadata["medseg"]["uncertainty"] = uncertainty_source(
                 OutputStore.open(outcome.output, mode="r"))[1]
             self.review.reset()
-        result = outcome.result
-        objects = len(outcome.objects) if outcome.objects is not None else result.objects
-        if result.maps.blocks_run == 0 and result.maps.blocks_resumed:
-            text = f"Already segmented (your edits are kept): {objects} objects. Output: {outcome.output}"
-        else:
-            replaced = " (replacing an earlier output made with other settings)" if outcome.replaced else ""
-            text = (f"Done in {outcome.seconds:.0f} s on {result.maps.device}: {objects} objects, "
-                    f"labels {result.labels_status}. Output: {outcome.output}{replaced}")
+        text = outcome_summary(outcome)
         self.status.setText(text)
         show_info(f"MedSeg: {text}")
-        for warning in result.maps.warnings:
+        for warning in outcome.result.maps.warnings:
             show_warning(f"MedSeg: {warning}")
 
     def ask_about_edited_output(self, error: EditedOutputError) -> str | None:
@@ -329,6 +329,7 @@ class SegmentWidget(QWidget):
         except StopIteration:
             self._add_timer.stop()
             self._adding = None
+            self._display_ready.set()
             self._refresh_now()
             self._finish_when_shown()
             return
@@ -393,5 +394,6 @@ class SegmentWidget(QWidget):
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         if self.worker is not None:
+            self._display_ready.set()
             self.worker.quit()
         super().closeEvent(event)
