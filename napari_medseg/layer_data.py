@@ -172,7 +172,8 @@ def displayed_channels(info: MapInfo) -> list[tuple[int, str, str]]:
 
 def _map_levels(store: OutputStore, info: MapInfo, channel: int, written: np.ndarray | None):
     """A map channel's levels (``written``: the store's maps progress grid, or None for level 0 only)."""
-    scale = 1 / 255 if store.array(info.name).dtype == np.uint8 else 1.0   # as store.encode does
+    attrs = dict(store.group[info.name].attrs).get("medseg_map", {})
+    scale = float(attrs.get("scale", 1 / 255 if store.array(info.name).dtype == np.uint8 else 1.0))
     levels = range(store.layout.levels) if written is not None else range(1)
     multiscale = written is not None
     views = []
