@@ -11,6 +11,8 @@ import sys
 from . import __version__
 
 MODEL_HELP = "vunet, reseg_unet, pranet_v2, iau_net or gca_resunet"
+TTA_HELP = ("test-time augmentation: average 1 (off), 2, 4 or 8 flipped/transposed views per tile "
+            "(each view is one more forward pass; default: the weights card's choice)")
 
 
 class CLIError(Exception):
@@ -33,6 +35,7 @@ def _add_segment(sub) -> None:
                         "1024 for models with many maps such as pranet_v2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples for V-UNet uncertainty (0 = off)")
+    p.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help=TTA_HELP)
     p.add_argument("--region", help="only this region, as y0:y1,x0:x1")
     p.add_argument("--channel-axis", type=int, help="which axis holds channels (default: detected)")
     p.add_argument("--workers", type=int, help="run on a local Dask cluster with N worker processes")
@@ -103,6 +106,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", choices=["all", "val"], default="all",
                    help="with --data: 'val' scores only the validation images recorded in the weights card")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help=TTA_HELP + "; with --tune-decode "
+                   "the card's new default")
     p.add_argument("--device", default="auto")
 
 

@@ -91,7 +91,7 @@ def run_segment(args) -> None:
         tile=args.tile, overlap=args.overlap, batch_size=args.batch,
         device="cpu" if (args.workers or args.scheduler) and args.device == "auto" else args.device,
         mc_samples=args.mc_samples, region=parse_region(args.region), overwrite=args.overwrite,
-        superblock=args.superblock)
+        superblock=args.superblock, tta=args.tta)
     if not Path(args.input).exists():
         raise CLIError(f"input {args.input} does not exist")
     output = Path(args.output) if args.output else default_output_path(args.input, args.model)
@@ -275,7 +275,7 @@ def _tune_decode(args, model, card: dict, samples) -> dict:
     """Choose decoding thresholds on the validation split (see :mod:`.core.decode_tuning`)."""
     from .core.decode_tuning import tune_decode
 
-    result = tune_decode(model, card, samples, log=lambda line: print(line, file=sys.stderr))
+    result = tune_decode(model, card, samples, log=lambda line: print(line, file=sys.stderr), tta=args.tta)
     print(f"decode thresholds {result['settings']}: F1 {result['before']['f1']:.3f} → "
           f"{result['after']['f1']:.3f}, AJI {result['before']['aji']:.3f} → {result['after']['aji']:.3f}",
           file=sys.stderr)
@@ -300,7 +300,8 @@ def run_evaluate(args) -> None:
     model, card = load_model(model_name, args.weights, args.device)
     samples = _evaluation_samples(args, card)
     tuning = _tune_decode(args, model, card, samples) if args.tune_decode else None
-    result = evaluate_samples(model, samples, card=dict(card, decode=tuning["settings"]) if tuning else card)
+    result = evaluate_samples(model, samples, card=dict(card, decode=tuning["settings"]) if tuning else card,
+                              tta=args.tta)
     if tuning:
         from .core.decode_tuning import write_decode_to_card
 
@@ -319,6 +320,7 @@ def run_evaluate(args) -> None:
     print(f"| **mean of {result['n_images']}** | " + " | ".join(f"{result['mean'][m]:.3f}" for m in metrics) + " |")
     for modality, scores in result["by_modality"].items():
         print(f"| {modality} ({scores['n_images']}) | " + " | ".join(f"{scores[m]:.3f}" for m in metrics) + " |")
+    print(f"test-time views averaged per tile: {result['tta']}")
 
 
 def run_export(args) -> None:

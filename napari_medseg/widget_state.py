@@ -35,6 +35,7 @@ class SegmentState:
     tile: int = 0
     overlap: int = -1
     mc_samples: int = 8
+    tta: int = 0                  # test-time views; 0 = the weights card's choice
     area: str = "whole"
     output_folder: str = ""
 

@@ -60,6 +60,14 @@ class SegmentForm(QWidget):
                                 "smoother variance and mutual-information maps, each costs about "
                                 "one decoder pass. none: entropy map only")
         form.addRow("MC samples", self.mc_samples)
+        self.tta = QComboBox(toolTip="Test-time augmentation: average the network's maps over flipped "
+                                     "and transposed views of each tile. Slightly better masks and "
+                                     "splits; each view costs one more pass (8 views: about 5x time)")
+        self.tta.addItem("weights' default", 0)
+        for views, text in ((1, "off (1 view)"), (2, "2 views"), (4, "4 views (flips)"),
+                            (8, "8 views (flips + transposes)")):
+            self.tta.addItem(text, views)
+        form.addRow("Test-time flips", self.tta)
         self.area = QComboBox(toolTip="Segment the whole image, or only the part visible in the "
                                       "canvas (grown to whole 512-pixel chunks)")
         self.area.addItem("whole image", "whole")
@@ -70,7 +78,7 @@ class SegmentForm(QWidget):
         self._restore()
         self.model.currentIndexChanged.connect(self._on_model)
         self.weights.activated.connect(self._on_weights)
-        for widget in (self.device, self.area, self.weights):
+        for widget in (self.device, self.area, self.weights, self.tta):
             widget.currentIndexChanged.connect(self.changed)
         for spin in (self.tile, self.overlap, self.mc_samples):
             spin.valueChanged.connect(self.changed)
@@ -84,6 +92,10 @@ class SegmentForm(QWidget):
         value = self.weights.currentData()
         return None if value == CHOOSE_FILE else value
 
+    def tta_views(self) -> int | None:
+        """Chosen test-time views, or None for the weights card's default."""
+        return self.tta.currentData() or None
+
     def offers_uncertainty(self) -> bool:
         return "uncertainty" in model_class(self.model_name()).aux_kinds
 
@@ -96,13 +108,14 @@ class SegmentForm(QWidget):
         state.device = self.device.currentData()
         state.tile, state.overlap = self.tile.value(), self.overlap.value()
         state.mc_samples = self.mc_samples.value()
+        state.tta = self.tta.currentData()
         state.area = self.area.currentData()
         state.output_folder = self.output.text().strip()
         return state
 
     def set_running(self, running: bool) -> None:
         for widget in (self.image, self.model, self.weights, self.device, self.tile, self.overlap,
-                       self.area, self.output):
+                       self.tta, self.area, self.output):
             widget.setEnabled(not running)
         self.mc_samples.setEnabled(not running and self.offers_uncertainty())
 
@@ -112,6 +125,7 @@ class SegmentForm(QWidget):
         _select(self.model, s.model)
         _select(self.device, s.device)
         _select(self.area, s.area)
+        _select(self.tta, s.tta)
         self.tile.setValue(s.tile)
         self.overlap.setValue(s.overlap)
         self.mc_samples.setValue(s.mc_samples)

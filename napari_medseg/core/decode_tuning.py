@@ -22,7 +22,7 @@ from .instances import DecodeSettings, decode_instances
 from .metrics import instance_metrics
 
 GRID = {
-    "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97),  # flip-averaged maps seed best at 0.95
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
     "min_area": (4, 8, 16, 32, 48, 64),   # the DSB2018 starters chose the old top (32) and 0.8 / 0.6
 }
@@ -46,7 +46,7 @@ def _objective(scores: dict) -> float:
 
 
 def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings | None = None,
-                passes: int = 2, log=None) -> dict:
+                passes: int = 2, log=None, tta: int | None = None) -> dict:
     """Search the decoding thresholds of a three-class model on labelled (validation) samples.
 
     Args:
@@ -56,18 +56,22 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
         start: settings to start from (default: the card's, else the defaults).
         passes: rounds of coordinate search over :data:`GRID`.
         log: optional ``callable(str)`` for progress lines.
+        tta: test-time views of the predictions tuned on (None: the card's, see
+            :func:`.inference_plan.resolve_tta`); the thresholds belong with this choice.
 
     Returns:
-        ``{"settings": dict, "before": scores, "after": scores, "n_images": n, "grid": GRID}``
+        ``{"settings": dict, "before": scores, "after": scores, "n_images": n, "grid": GRID, "tta": views}``
         where scores are mean ``f1``, ``aji`` and ``dice``.
     """
+    from .inference_plan import resolve_tta
     from .validation import predict_probabilities
 
     if model.config.num_classes != 3:
         raise ValueError("decoding thresholds apply to three-class instance models only")
     if not samples:
         raise ValueError("no labelled samples to tune on")
-    probabilities = [predict_probabilities(model.eval(), s.image, card) for s in samples]
+    tta = resolve_tta(card, tta)
+    probabilities = [predict_probabilities(model.eval(), s.image, card, tta=tta) for s in samples]
     truths = [s.labels for s in samples]
     best = start or decode_settings_for(card)
     before = best_scores = _score(probabilities, truths, best)
@@ -87,21 +91,28 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
         if not changed:
             break
     return {"settings": {k: getattr(best, k) for k in TUNED_FIELDS}, "before": before,
-            "after": best_scores, "n_images": len(samples), "grid": {k: list(v) for k, v in GRID.items()}}
+            "after": best_scores, "n_images": len(samples), "grid": {k: list(v) for k, v in GRID.items()},
+            "tta": tta}
 
 
 def write_decode_to_card(weights, result: dict, validation: dict | None = None) -> Path:
     """Store tuned settings (and the validation scores obtained with them, when given) in the
-    weights' JSON card, replaced atomically; the tensors are untouched."""
+    weights' JSON card, replaced atomically; the tensors are untouched.
+
+    The test-time views the thresholds were tuned with become the card's default
+    (``"inference": {"tta": N}``), since thresholds suit the maps they were chosen on.
+    """
     from src_models.weights_io import weights_paths, write_json_atomic
 
     _, card_path = weights_paths(weights)
     card = json.loads(card_path.read_text())
     card["decode"] = dict(result["settings"])
+    card["inference"] = {**(card.get("inference") or {}), "tta": int(result.get("tta") or 1)}
     metrics = card.setdefault("metrics", {})
     metrics["decode_tuning"] = {
         "on": "validation split", "n_images": result["n_images"], "before": result["before"],
-        "after": result["after"], "objective": "mean F1@0.5 + mean AJI", "grid": result["grid"]}
+        "after": result["after"], "objective": "mean F1@0.5 + mean AJI", "grid": result["grid"],
+        "tta": int(result.get("tta") or 1)}
     if validation is not None:
         metrics["validation"] = validation
     write_json_atomic(card_path, card)

@@ -208,7 +208,8 @@ def finetune(parent, data: EditData, settings: FinetuneSettings = FinetuneSettin
 
 
 def _child_card(card, parent, data, settings, loop, replay_crops) -> dict:
-    kept = {k: card[k] for k in ("classes", "task", "normalization", "tile_size", "decode") if k in card}
+    kept = {k: card[k] for k in ("classes", "task", "normalization", "tile_size", "decode", "inference")
+            if k in card}
     best_step = loop.best_step if loop.best_state is not None else loop.step
     best = next((v for s, v in loop.heldout if s == best_step), None)
     return {

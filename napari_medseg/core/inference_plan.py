@@ -17,6 +17,7 @@ from .devices import pick_device as choose_device
 from .io import ImageInputError, ImageSource, open_image, statistics_sample
 from .normalize import Normalization, percentile_range, to_model_channels
 from .store import MapInfo, OutputStore, StoreLayout, default_output_path
+from .test_time import check_views
 from .tiling import Block, TileSettings, default_tile_settings, superblocks
 
 PIXEL_BUDGET = {"cuda": 8_000_000, "mps": 4_000_000, "cpu": 1_000_000}  # pixels per forward batch
@@ -53,6 +54,9 @@ class InferenceSettings:
         prefetch: overlap reading and writing with compute on a thread pool.
         seed: seeds Monte-Carlo sampling (per tile batch, from the tile position).
         normalization: fixed intensity mapping overriding the card's and the statistics.
+        tta: test-time augmentation views averaged per tile, 1 (off), 2, 4 or 8 (flips and
+            transposes, :mod:`.test_time`); None: the card's ``"inference": {"tta": N}``, else 1.
+            Each view costs one more forward pass.
     """
 
     mode: str | None = None
@@ -72,8 +76,11 @@ class InferenceSettings:
     prefetch: bool = True
     seed: int = 0
     normalization: Normalization | None = None
+    tta: int | None = None
 
     def __post_init__(self) -> None:
+        if self.tta is not None:
+            check_views(self.tta)
         for name in ("tile", "overlap", "batch_size"):
             value = getattr(self, name)
             if value is not None and (value < (0 if name == "overlap" else 1)):
@@ -99,6 +106,7 @@ class RunPlan:
         normalization: intensity mapping ``(x - low) / (high - low)``.
         maps: maps written (``probs`` first).
         mc_samples, batch_size, skip_threshold, seed: as in :class:`InferenceSettings`.
+        tta: views averaged per tile (resolved: 1, 2, 4 or 8).
     """
 
     output: str
@@ -112,6 +120,7 @@ class RunPlan:
     batch_size: int
     skip_threshold: float
     seed: int
+    tta: int = 1
 
 
 @dataclass
@@ -210,7 +219,8 @@ def prepare_run(source, model, card: dict | None, output, settings: InferenceSet
     output = _output_path(source, output, architecture)
     layout = StoreLayout(source.shape, settings.chunk, superblock, maps,
                          settings.probs_dtype, settings.maps_dtype, source.pixel_size, source.unit)
-    run_key = _run_key(architecture, card, model, tiles, settings, norm_info, source)
+    tta = resolve_tta(card, settings.tta)
+    run_key = _run_key(architecture, card, model, tiles, settings, norm_info, source, tta)
     run = {**run_key, **_environment(), "device": str(device),
            "weights_path": card.get("weights_path"), "weights_version": card.get("version"),
            "halo_covers_receptive_field": tiles.covers_receptive_field,
@@ -222,8 +232,20 @@ def prepare_run(source, model, card: dict | None, output, settings: InferenceSet
         blocks=blocks,
         normalization=norm, maps=maps, mc_samples=settings.mc_samples,
         batch_size=settings.batch_size or auto_batch_size(device, tiles.window),
-        skip_threshold=settings.skip_threshold, seed=settings.seed)
+        skip_threshold=settings.skip_threshold, seed=settings.seed, tta=tta)
     return PreparedRun(plan, store, source, resumed, warnings, settings.region, norm_info)
+
+
+def resolve_tta(card: dict | None, requested: int | None) -> int:
+    """Views per tile: ``requested``, else the card's ``"inference": {"tta": N}``, else 1."""
+    if requested is not None:
+        return check_views(requested)
+    stored = ((card or {}).get("inference") or {}).get("tta", 1)
+    try:
+        return check_views(int(stored))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the weights card's inference.tta is {stored!r}; it must be 1, 2, 4 or 8 "
+                         "(edit the card, or pass tta explicitly)") from exc
 
 
 def _check_card(model, card: dict) -> str:
@@ -237,16 +259,22 @@ def _check_card(model, card: dict) -> str:
 
 
 def _run_key(architecture: str, card: dict, model, tiles: TileSettings, settings: InferenceSettings,
-             norm_info: dict, source: ImageSource) -> dict:
-    """The settings a run must share with a stored output to resume it (JSON-friendly)."""
-    return _plain({
+             norm_info: dict, source: ImageSource, tta: int = 1) -> dict:
+    """The settings a run must share with a stored output to resume it (JSON-friendly).
+
+    ``tta`` is recorded only when views are averaged, so outputs made before it existed resume.
+    """
+    key = {
         "model": architecture, "weights_sha256": card.get("sha256"),
         "config": model.config.to_dict(), "tile_mode": tiles.mode, "tile": tiles.tile,
         "overlap": tiles.overlap, "mc_samples": settings.mc_samples, "normalization": norm_info,
         "input": source.path or "in-memory array", "input_axes": source.spec.axes,
         "input_index": dict(source.spec.index), "input_channels": source.spec.channels,
         "skip_threshold": settings.skip_threshold, "seed": settings.seed,
-    })
+    }
+    if tta != 1:
+        key["tta"] = tta
+    return _plain(key)
 
 
 def _check_channels(source: ImageSource, in_channels: int) -> None:
@@ -306,4 +334,5 @@ def _plain(value):
 
 
 __all__ = ["InferenceSettings", "RunPlan", "PreparedRun", "DeviceMemoryError", "choose_device",
-           "auto_batch_size", "auto_superblock", "shrink_tiles", "resolve_normalization", "prepare_run"]
+           "auto_batch_size", "auto_superblock", "shrink_tiles", "resolve_normalization", "resolve_tta",
+           "prepare_run"]

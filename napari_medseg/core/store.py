@@ -214,7 +214,8 @@ class OutputStore:
         wanted.update(_jsonable(run_key))
         have = {"layout." + k: v for k, v in _jsonable(stored["layout"]).items()}
         have.update(_jsonable(stored.get("run_key", {})))
-        return [f"{k}: stored {have.get(k)!r}, now {v!r}" for k, v in wanted.items() if have.get(k) != v]
+        keys = list(wanted) + [k for k in have if k not in wanted]   # a setting only one side records
+        return [f"{k}: stored {have.get(k)!r}, now {wanted.get(k)!r}" for k in keys if have.get(k) != wanted.get(k)]
 
     # ------------------------------------------------------------------ reading
     @property

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .normalize import apply_range, to_model_channels
+from .test_time import predict_views
 from .tiling import Block, Tile, block_tiles, input_window
 
 SKIP_LEVELS = 64   # quantisation of a skipped tile's mean level for the cached blank prediction
@@ -216,7 +217,7 @@ class TileRunner:
             torch.manual_seed(seed)
             x = torch.from_numpy(np.stack(arrays)).to(self.device)
             start = time.perf_counter()
-            outputs = self.model.predict(x, self.plan.mc_samples)
+            outputs = predict_views(self.model, x, self.plan.mc_samples, self.plan.tta)
             self._synchronize()
             self.forward_seconds += time.perf_counter() - start
             return {k: v.float().cpu().numpy() for k, v in outputs.items()}

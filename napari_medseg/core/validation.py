@@ -13,6 +13,7 @@ import numpy as np
 
 from .datasets import Sample
 from .inference import InferenceSettings, segment
+from .inference_plan import resolve_tta
 from .decode_tuning import decode_settings_for
 from .instances import decode_instances
 from .metrics import evaluate_pairs
@@ -20,8 +21,8 @@ from .progress import drain
 from .store import OutputStore
 
 
-def predict_probabilities(model, image: np.ndarray, card: dict, settings: InferenceSettings | None = None
-                          ) -> np.ndarray:
+def predict_probabilities(model, image: np.ndarray, card: dict, settings: InferenceSettings | None = None,
+                          tta: int | None = None) -> np.ndarray:
     """Class probabilities of one in-memory image through the tiled engine.
 
     Args:
@@ -29,11 +30,12 @@ def predict_probabilities(model, image: np.ndarray, card: dict, settings: Infere
         image: ``(C, H, W)`` raw image.
         card: its weights card (for the tile size and normalisation).
         settings: engine settings (default: deterministic, float32 probabilities, no prefetch).
+        tta: test-time views when ``settings`` is not given (None: the card's default).
 
     Returns:
         ``(K, H, W) float32`` probabilities.
     """
-    settings = settings or InferenceSettings(probs_dtype="float32", prefetch=False, mc_samples=0)
+    settings = settings or InferenceSettings(probs_dtype="float32", prefetch=False, mc_samples=0, tta=tta)
     with tempfile.TemporaryDirectory(prefix="medseg-val-") as folder:
         out = Path(folder) / "run.zarr"
         drain(segment(np.ascontiguousarray(image), model, card, out, settings))
@@ -42,19 +44,22 @@ def predict_probabilities(model, image: np.ndarray, card: dict, settings: Infere
         return store.read_map("probs", (0, h, 0, w))
 
 
-def predict_instances(model, image: np.ndarray, card: dict, task: str = "instances") -> np.ndarray:
+def predict_instances(model, image: np.ndarray, card: dict, task: str = "instances",
+                      tta: int | None = None) -> np.ndarray:
     """Instance labels ``(H, W) int32`` (or a semantic class map for ``task="semantic"``)."""
-    probs = predict_probabilities(model, image, card)
+    probs = predict_probabilities(model, image, card, tta=tta)
     if task == "semantic":
         return probs.argmax(axis=0).astype(np.int32)
     return decode_instances(probs, decode_settings_for(card))
 
 
-def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | None = None) -> dict:
+def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | None = None,
+                     tta: int | None = None) -> dict:
     """Mean and per-image metrics of ``model`` on labelled samples, overall and per modality.
 
     Instance samples are scored with Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5; semantic ones with
-    pixel Dice/IoU of class 1.
+    pixel Dice/IoU of class 1. ``tta``: test-time views (None: the card's default); the views
+    used are reported under ``"tta"``.
     """
     card = dict(card or {})
     card.setdefault("architecture", model.name)
@@ -64,7 +69,8 @@ def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | Non
         card.setdefault("tile_size", recipe.crop)
     kind = "semantic" if samples and samples[0].kind == "semantic" else "instance"
     task = "semantic" if kind == "semantic" else "instances"
-    predictions = {s.id: predict_instances(model, s.image, card, task) for s in samples}
+    tta = resolve_tta(card, tta)
+    predictions = {s.id: predict_instances(model, s.image, card, task, tta) for s in samples}
     gt = {s.id: (s.labels > 0).astype(np.int32) if kind == "semantic" else s.labels for s in samples}
     result = evaluate_pairs(((s.id, gt[s.id], predictions[s.id]) for s in samples), kind=kind)
     by_modality = {}
@@ -73,5 +79,5 @@ def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | Non
         rows = [r for r in result["per_image"] if r["name"] in names]
         by_modality[modality] = {k: float(np.mean([r[k] for r in rows])) for k in result["mean"]}
         by_modality[modality]["n_images"] = len(rows)
-    return {"kind": kind, "n_images": result["n_images"], "mean": result["mean"],
+    return {"kind": kind, "tta": tta, "n_images": result["n_images"], "mean": result["mean"],
             "by_modality": by_modality, "per_image": result["per_image"]}
