@@ -139,6 +139,19 @@ def _version_name(version) -> str:
     return version.id if version.id != str(version.path) else Path(version.id).name
 
 
+def default_tta(weights: str | None) -> int:
+    """Test-time views the weights' card recommends (1 for random weights or an unreadable card)."""
+    from src_models import read_card
+
+    from .core.inference_plan import resolve_tta
+
+    card = _card(read_card, weights) if weights else None
+    try:
+        return resolve_tta(card, None)
+    except ValueError:
+        return 1
+
+
 def _card(read_card, path) -> dict | None:
     try:
         return read_card(path)

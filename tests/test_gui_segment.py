@@ -267,6 +267,24 @@ def test_state_is_remembered(make_napari_viewer, tmp_path):
     assert not again.form.mc_samples.isEnabled()             # only V-UNet samples its latents
 
 
+def test_test_time_flips_default_to_the_card_and_reach_the_run(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(load_sample("fluorescence_small"), name="nuclei")
+    starter = str(starter_weights("gca_resunet"))
+    widget = open_widget(viewer, tmp_path, "gca_resunet", weights=starter)
+    form = widget.form
+    assert form.tta.itemText(0) == "weights' default (8 views)"      # the starter card's inference.tta
+    assert form.tta_views() is None and widget._make_request().settings.tta is None
+    form.fill_weights(select="random")
+    assert form.tta.itemText(0) == "weights' default (off)"
+    form.tta.setCurrentIndex(form.tta.findData(2))
+    outcome = run_and_wait(widget, qtbot)
+    assert OutputStore.open(outcome.output, mode="r").attrs["run"]["tta"] == 2
+    viewer.window.remove_dock_widget("all")
+    _, again = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    assert again.form.tta_views() == 2                                  # remembered
+
+
 def test_current_view_only(make_napari_viewer, qtbot, tmp_path):
     path = tmp_path / "mosaic.zarr"
     write_mosaic_zarr(path, size=1024, chunk=256)

@@ -12,7 +12,7 @@ from napari.utils.notifications import show_warning
 from src_models import list_models, model_class, read_card
 
 from ..core.devices import available_devices
-from ..widget_state import SegmentState, remember_weights, weights_choices
+from ..widget_state import SegmentState, default_tta, remember_weights, weights_choices
 
 MODEL_TITLES = {"vunet": "V-UNet", "reseg_unet": "ReSeg-UNet", "pranet_v2": "PraNet-V2",
                 "iau_net": "IAU-Net", "gca_resunet": "GCA-ResUNet"}
@@ -80,6 +80,7 @@ class SegmentForm(QWidget):
         self.weights.activated.connect(self._on_weights)
         for widget in (self.device, self.area, self.weights, self.tta):
             widget.currentIndexChanged.connect(self.changed)
+        self.weights.currentIndexChanged.connect(self._show_default_tta)
         for spin in (self.tile, self.overlap, self.mc_samples):
             spin.valueChanged.connect(self.changed)
         self.output.textChanged.connect(self.changed)
@@ -169,6 +170,11 @@ class SegmentForm(QWidget):
         if not _select(self.weights, wanted):
             self.weights.setCurrentIndex(0)
         self.weights.blockSignals(False)
+        self._show_default_tta()
+
+    def _show_default_tta(self, *_) -> None:
+        views = default_tta(self.weights_value())
+        self.tta.setItemText(0, f"weights' default ({'off' if views == 1 else f'{views} views'})")
 
     def _on_weights(self, index: int) -> None:
         if self.weights.itemData(index) != CHOOSE_FILE:
