@@ -77,6 +77,29 @@ def test_predictions_of_the_views_are_averaged(views):
         assert np.abs(got - Positional().predict(torch.from_numpy(x))["probs"].numpy()).max() > 0.1
 
 
+class Sampling:
+    """Counts its passes; with samples it also returns a map only sampling gives."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, x, mc_samples=0):
+        self.calls.append(mc_samples)
+        maps = {"probs": torch.sigmoid(x)}
+        if mc_samples:
+            maps["variance"] = x.abs() + 0.5
+        return maps
+
+
+def test_monte_carlo_sampling_runs_on_the_original_view_only():
+    x = torch.from_numpy(RNG.normal(size=(1, 1, 4, 6)).astype(np.float32))
+    model = Sampling()
+    got = predict_views(model, x, mc_samples=8, views=8)
+    assert model.calls == [8, 0, 0, 0, 0, 0, 0, 0]       # 8 + 7 passes, not 8 × 8
+    torch.testing.assert_close(got["variance"], x.abs() + 0.5)   # the original view's own map
+    torch.testing.assert_close(got["probs"], torch.sigmoid(x), rtol=0, atol=1e-6)
+
+
 def test_engine_averages_views_per_tile_and_records_them(tmp_path):
     model = make(TinyEquivariantNet)
     card = {"architecture": model.name, "normalization": {"method": "fixed", "low": 0, "high": 255}}

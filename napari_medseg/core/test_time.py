@@ -7,8 +7,11 @@ original orientation, removes orientation-dependent noise. Measured on the valid
 same decoding thresholds, V-UNet ISBI 2012 cell Dice 0.9488 → 0.9509, for about 4.7× the CPU time.
 
 Views are counted as 1 (off), 2 (+ left-right flip), 4 (all flips) or 8 (flips × transpose).
-Every map is averaged, auxiliary ones included (uncertainty, DSRA background maps): each is a
-per-pixel map that the same inverse flip puts back in place.
+Every map is averaged, auxiliary ones included (DSRA background maps, entropy): each is a per-pixel
+map that the same inverse flip puts back in place. Monte-Carlo sampling (V-UNet's uncertainty) runs
+on the original view only, and the other views add one deterministic pass each: 8 views with 8
+samples cost 8 + 7 decoder passes, not 64; maps only sampling gives (variance, mutual information)
+are the original view's own.
 """
 from __future__ import annotations
 
@@ -51,22 +54,23 @@ def predict_views(model, x: torch.Tensor, mc_samples: int = 0, views: int = 1) -
     Args:
         model: a ``SegmentationModel`` (anything with ``predict(x, mc_samples)``).
         x: ``(B, C, H, W) float32`` normalised tiles (any H, W; transposed views swap them).
-        mc_samples: Monte-Carlo samples per view (models offering uncertainty).
+        mc_samples: Monte-Carlo samples, drawn on the original view only (models offering
+            uncertainty); the other views are deterministic passes.
         views: 1, 2, 4 or 8 (see :func:`dihedral_views`).
 
     Returns:
-        ``{name: (B, k, H, W) float32}``, the mean over views of each map in the input's orientation.
+        ``{name: (B, k, H, W) float32}`` in the input's orientation: for each map, the mean over
+        the views that produced it (every view for ``probs``).
     """
     total: dict[str, torch.Tensor] = {}
-    chosen = dihedral_views(views)
-    for flips, transpose in chosen:
-        maps = model.predict(_forward_view(x, flips, transpose), mc_samples)
+    counts: dict[str, int] = {}
+    for index, (flips, transpose) in enumerate(dihedral_views(views)):
+        maps = model.predict(_forward_view(x, flips, transpose), mc_samples if index == 0 else 0)
         for name, value in maps.items():
             value = _inverse_view(value, flips, transpose)
             total[name] = value if name not in total else total[name] + value
-    if len(chosen) == 1:
-        return total
-    return {name: value / len(chosen) for name, value in total.items()}
+            counts[name] = counts.get(name, 0) + 1
+    return {name: value / counts[name] if counts[name] > 1 else value for name, value in total.items()}
 
 
 __all__ = ["VIEW_COUNTS", "check_views", "dihedral_views", "predict_views"]
