@@ -209,23 +209,29 @@ def run_finetune(args) -> None:
         "adopted": bool(args.adopt), "warnings": result.warnings}, indent=2))
 
 
+def train_recipe(args):
+    """The recipe file (or the defaults) with only the options given on the command line applied."""
+    from .core.recipe import Recipe
+
+    overrides = {"model": args.model, "preset": args.preset, "val_split": args.val_split,
+                 "steps": args.steps, "time_budget_s": args.time_budget, "batch": args.batch,
+                 "crop": args.crop, "seed": args.seed}
+    return (Recipe.from_file(args.recipe, **overrides) if args.recipe
+            else Recipe.from_dict({k: v for k, v in overrides.items() if v is not None}))
+
+
 def run_train(args) -> None:
     """Train a model on a data folder and write weights + card."""
     from src_models import list_models
 
     from .core.progress import drain
-    from .core.recipe import Recipe
     from .core.training import train
 
     if args.model not in list_models():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
     if not Path(args.data).is_dir():
         raise CLIError(f"data folder {args.data} does not exist")
-    overrides = {"model": args.model, "preset": args.preset, "val_split": args.val_split,
-                 "steps": args.steps, "time_budget_s": args.time_budget, "batch": args.batch,
-                 "crop": args.crop, "seed": args.seed}
-    recipe = (Recipe.from_file(args.recipe, **overrides) if args.recipe
-              else Recipe.from_dict({k: v for k, v in overrides.items() if v is not None}))
+    recipe = train_recipe(args)
     out = Path(args.out)
     if not args.resume and out.with_name(out.name + ".safetensors").exists():
         raise CLIError(f"{out}.safetensors already exists; choose another --out")

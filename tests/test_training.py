@@ -1,6 +1,7 @@
 """``train``: a tiny real run on bundled CC0 images — card contents, resume, warm start, overrides."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -78,3 +79,20 @@ def test_cli_train_refuses_to_overwrite_and_unknown_models(data, tmp_path, capsy
     assert main(["train", "--model", "iau_net", "--data", str(data), "--out", str(tmp_path / "w")]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "w.safetensors").read_bytes() == b"mine"
     assert main(["train", "--model", "nope", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_keeps_the_recipe_file_values_it_is_not_given(tmp_path):
+    from napari_medseg.cli import build_parser
+    from napari_medseg.cli_commands import train_recipe
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"model": "gca_resunet", "preset": "paper", "seed": 1, "val_split": 0.2,
+                                "lr": 5e-4}))
+    base = ["train", "--model", "gca_resunet", "--data", str(tmp_path), "--out", str(tmp_path / "w"),
+            "--recipe", str(path)]
+    recipe = train_recipe(build_parser().parse_args(base))
+    assert (recipe.preset, recipe.seed, recipe.val_split, recipe.lr) == ("paper", 1, 0.2, 5e-4)
+    given = train_recipe(build_parser().parse_args(base + ["--seed", "3", "--preset", "lite"]))
+    assert (given.preset, given.seed, given.val_split) == ("lite", 3, 0.2)
+    plain = train_recipe(build_parser().parse_args(base[:-2]))
+    assert (plain.preset, plain.seed, plain.val_split) == ("lite", 0, 0.15)
