@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .core.instances import block_regions
+from .core.blockwise import block_regions
 from .core.progress import JobGenerator, Progress
 from .core.store import LABELS, PROBS, OutputStore
 

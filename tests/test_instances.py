@@ -9,9 +9,8 @@ import pytest
 import zarr
 from scipy import ndimage as ndi
 
-from napari_medseg.core.instances import (
-    DecodeSettings, block_regions, decode_block, decode_instances, decode_semantic_membranes,
-    instances_blockwise, label_dtype)
+from napari_medseg.core.blockwise import block_regions, decode_block, instances_blockwise, label_dtype
+from napari_medseg.core.instances import DecodeSettings, decode_instances, decode_semantic_membranes
 from napari_medseg.core.metrics import instance_metrics
 from napari_medseg.core.progress import Progress, drain
 from napari_medseg.core.targets import instances_to_classes

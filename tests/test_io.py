@@ -9,8 +9,8 @@ import pytest
 import tifffile
 import zarr
 
-from napari_medseg.core.io import (ImageInputError, ImageNotFoundError, guess_axes, open_image,
-                                   statistics_sample)
+from napari_medseg.core.image_sample import statistics_sample
+from napari_medseg.core.io import ImageInputError, ImageNotFoundError, guess_axes, open_image
 
 RNG = np.random.default_rng(0)
 GREY = RNG.integers(0, 60000, (70, 90)).astype(np.uint16)

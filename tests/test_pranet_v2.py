@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from src_models import create_model
 from src_models.losses import one_hot
-from src_models.pranet_v2 import DSRA, PraNetV2Loss, background_target, fg_bg_disagreement
+from src_models.pranet_v2 import DSRA, fg_bg_disagreement
+from src_models.pranet_v2_loss import PraNetV2Loss, background_target
 from src_models.res2net import Res2NetEncoder
 
 

@@ -20,7 +20,8 @@ import torch
 from scipy import ndimage as ndi
 
 from .inference import InferenceSettings, segment
-from .instances import block_regions, decode_block, decode_instances, instances_blockwise
+from .blockwise import block_regions, decode_block, instances_blockwise
+from .instances import decode_instances
 from .normalize import Normalization, apply_range, to_model_channels
 from .progress import drain
 from .store import OutputStore

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from .decode_tuning import decode_settings_for
 from .inference import InferenceSettings, finish_run, prepare_run, process_block
-from .instances import DecodeSettings, block_regions, decode_block
+from .blockwise import block_regions, decode_block
+from .instances import DecodeSettings
 from .pipeline import _BackgroundWhereMissing, load_model
 from .progress import JobGenerator, Progress
 from .store import OutputStore

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.draw import polygon2mask
 
-Box = tuple[int, int, int, int]   # (y0, y1, x0, x1), half-open, level-0 pixels
+from .boxes import Box, intersect_boxes, mask_box, offset_box
 
 EDIT_KINDS = ("added", "deleted", "split", "merged", "redrawn", "relabelled")
 DEFAULT_CHUNK = 512
@@ -86,7 +86,7 @@ class Reviewed:
         local = self.vertices - np.array([y0, x0], dtype=float)
         if _is_axis_rectangle(self.vertices):
             out = np.zeros((y1 - y0, x1 - x0), bool)
-            by0, by1, bx0, bx1 = _intersect(self.box, window) or (0, 0, 0, 0)
+            by0, by1, bx0, bx1 = intersect_boxes(self.box, window) or (0, 0, 0, 0)
             out[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] = True
             return out
         return polygon2mask((y1 - y0, x1 - x0), local)
@@ -238,13 +238,13 @@ def _edits_in_cluster(current, model, cluster, chunk: int, shape) -> tuple[list[
               int(cells[:, 1].min()) * chunk, min(shape[1], int(cells[:, 1].max() + 1) * chunk))
     cur, mod = _read_pair(current, model, window)
     changed = cur != mod
-    box = _bbox(changed)
-    window = _offset(box, window)      # start from the changed pixels' box, grow from there
+    box = mask_box(changed)
+    window = offset_box(box, window)      # start from the changed pixels' box, grow from there
     for _ in range(MAX_WINDOW // GROW_STEP):
         cur, mod = _read_pair(current, model, window)
         changed = cur != mod
         involved = _involved(cur, mod, changed)
-        grown = _grow(window, _offset(_bbox(involved), window), shape)
+        grown = _grow(window, offset_box(mask_box(involved), window), shape)
         if grown == window:
             break
         window = grown
@@ -339,7 +339,7 @@ def _classify(group: tuple[set, set], cur, mod, changed, window: Box) -> Edit:
         kind = "merged"
     else:
         kind = "redrawn"
-    return Edit(kind, _offset(_bbox(pixels), window), tuple(sorted(model_ids)),
+    return Edit(kind, offset_box(mask_box(pixels), window), tuple(sorted(model_ids)),
                 tuple(sorted(current_ids)), int(np.count_nonzero(changed & pixels)))
 
 
@@ -357,14 +357,14 @@ def support_mask(current: np.ndarray, model: np.ndarray, edit_set: EditSet, wind
     current, model = np.asarray(current), np.asarray(model)
     support = current != model
     for edit in edit_set.edits:
-        if _intersect(edit.box, window) is None:
+        if intersect_boxes(edit.box, window) is None:
             continue
         support |= np.isin(current, edit.current_ids) | np.isin(model, edit.model_ids)
     if ring and support.any():
         near = ndi.binary_dilation(support, np.ones((3, 3), bool), iterations=ring)
         support |= near & (current == 0) & (model == 0)
     for region in edit_set.reviewed:
-        if _intersect(region.box, window) is not None:
+        if intersect_boxes(region.box, window) is not None:
             support |= region.mask(window)
     return support
 
@@ -373,14 +373,14 @@ def as_reviewed(region, shape: tuple[int, int]) -> Reviewed | None:
     """A :class:`Reviewed` region from a Shapes layer entry (``(N, 2+)`` vertices, last two axes
     ``(y, x)``), clipped to the image; None when it lies outside the image or has no area."""
     if isinstance(region, Reviewed):
-        return region if _intersect(region.box, (0, shape[0], 0, shape[1])) else None
+        return region if intersect_boxes(region.box, (0, shape[0], 0, shape[1])) else None
     vertices = np.asarray(region, dtype=float)
     if vertices.ndim != 2 or vertices.shape[1] < 2 or len(vertices) < 3:
         raise EditError(f"a reviewed region needs at least 3 (y, x) vertices; got shape {vertices.shape}")
     vertices = vertices[:, -2:]
     box = (int(np.floor(vertices[:, 0].min() + 0.5)), int(np.floor(vertices[:, 0].max() + 0.5)),
            int(np.floor(vertices[:, 1].min() + 0.5)), int(np.floor(vertices[:, 1].max() + 0.5)))
-    clipped = _intersect(box, (0, shape[0], 0, shape[1]))
+    clipped = intersect_boxes(box, (0, shape[0], 0, shape[1]))
     return Reviewed(vertices, clipped) if clipped else None
 
 
@@ -389,32 +389,3 @@ def _is_axis_rectangle(vertices: np.ndarray) -> bool:
         return False
     ys, xs = np.unique(np.round(vertices[:, 0], 6)), np.unique(np.round(vertices[:, 1], 6))
     return len(ys) == 2 and len(xs) == 2
-
-
-# ----------------------------------------------------------------------------- boxes
-def _bbox(mask: np.ndarray) -> Box | None:
-    """Local ``(y0, y1, x0, x1)`` of the True pixels, or None."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not rows.size:
-        return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def _offset(box: Box | None, window: Box) -> Box | None:
-    if box is None:
-        return None
-    return box[0] + window[0], box[1] + window[0], box[2] + window[2], box[3] + window[2]
-
-
-def _intersect(a: Box, b: Box) -> Box | None:
-    box = (max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3]))
-    return box if box[0] < box[1] and box[2] < box[3] else None
-
-
-def union_box(boxes) -> Box | None:
-    """Smallest box holding every box given (None for none)."""
-    boxes = [b for b in boxes if b is not None]
-    if not boxes:
-        return None
-    arr = np.array(boxes)
-    return int(arr[:, 0].min()), int(arr[:, 1].max()), int(arr[:, 2].min()), int(arr[:, 3].max())

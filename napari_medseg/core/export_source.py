@@ -22,7 +22,7 @@ import numpy as np
 
 from src_models.weights_io import temporary_sibling
 
-from .instances import block_regions
+from .blockwise import block_regions
 from .progress import JobGenerator, Progress
 
 SCAN_BLOCK = 1024            # edge of the blocks labels are scanned and measured in

@@ -20,7 +20,7 @@ import numpy as np
 
 from .export_source import (SCAN_BLOCK, ExportError, ExportResult, LabelSource,
                             atomic_output, check_not_negative, export_warnings, open_label_source)
-from .instances import block_regions
+from .blockwise import block_regions
 from .progress import JobGenerator, Progress
 
 CSV_ROWS_PER_STEP = 20_000      # rows written between two progress records

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .devices import pick_device as choose_device
-from .io import ImageInputError, ImageSource, open_image, statistics_sample
+from .image_sample import statistics_sample
+from .io import ImageInputError, ImageSource, open_image
 from .normalize import Normalization, percentile_range, to_model_channels
 from .store import MapInfo, OutputStore, StoreLayout, default_output_path
 from .test_time import check_views

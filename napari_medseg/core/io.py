@@ -11,8 +11,8 @@ other letter (``z``, ``t``...) for axes the 2D models cannot take, which must be
 (a trailing axis of 3/4 is RGB(A) channel-last, a leading axis of at most 4 is channel-first); pass
 ``axes="cyx"`` to override the guess.
 
-Statistics for normalisation come from :func:`statistics_sample`: the finest pyramid level that fits
-a pixel budget, or a chunk-aligned sample of tiles, never a scan of the whole image.
+Statistics for normalisation come from :func:`.image_sample.statistics_sample`: the finest pyramid
+level that fits a pixel budget, or a chunk-aligned sample of tiles, never a scan of the whole image.
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from typing import Any
 import numpy as np
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf", ".tf8", ".tf2")
-STATISTICS_PIXELS = 1 << 21   # pixel budget of the normalisation sample (~1450²)
-SAMPLE_TILE = 256             # edge of one sampled tile when no pyramid level fits the budget
 
 
 class ImageInputError(ValueError):
@@ -349,53 +347,3 @@ def _axis_keys(spec: SourceSpec, shape: tuple[int, ...]) -> tuple:
 
 def _level_yx(shape: tuple[int, ...], axes: str) -> tuple[int, int]:
     return int(shape[axes.index("y")]), int(shape[axes.index("x")])
-
-
-# ----------------------------------------------------------------------------- statistics
-@dataclass(frozen=True)
-class StatisticsSample:
-    """Pixels for normalisation statistics.
-
-    Attributes:
-        pixels: ``(C, h, w)`` stored dtype (tiles side by side when sampled).
-        description: where they came from, for the run's provenance.
-        nonfinite: NaN/inf pixels (counted over all channels) in the sample.
-    """
-
-    pixels: np.ndarray
-    description: str
-    nonfinite: int
-
-
-def statistics_sample(source: ImageSource, max_pixels: int = STATISTICS_PIXELS,
-                      tile: int = SAMPLE_TILE) -> StatisticsSample:
-    """A small, representative sample of the image; never a full scan of a large level.
-
-    Uses the finest pyramid level with at most ``max_pixels`` pixels (the whole level 0 for a small
-    image). Without such a level, reads an evenly spaced grid of ``tile``² tiles of the coarsest
-    level, at most ``max_pixels`` pixels in all.
-    """
-    fitting = [k for k, (h, w) in enumerate(source.levels) if h * w <= max_pixels]
-    if fitting:
-        level = fitting[0]
-        pixels = source.read_region(0, source.levels[level][0], 0, source.levels[level][1], level)
-        description = f"pyramid level {level} ({pixels.shape[1]}x{pixels.shape[2]})"
-    else:
-        level = len(source.levels) - 1
-        pixels = _sample_tiles(source, level, max_pixels, tile)
-        description = f"a grid of tiles ({pixels.shape[1]}x{pixels.shape[2]} pixels) from level {level}"
-    nonfinite = 0
-    if pixels.dtype.kind == "f":
-        nonfinite = int(np.count_nonzero(~np.isfinite(pixels)))
-    return StatisticsSample(pixels, description, nonfinite)
-
-
-def _sample_tiles(source: ImageSource, level: int, max_pixels: int, tile: int) -> np.ndarray:
-    """``(C, tile, n * tile)``: ``n`` tiles on an even grid of one level, side by side."""
-    height, width = source.levels[level]
-    th, tw = min(tile, height), min(tile, width)   # a very thin strip gets thinner tiles
-    per_axis = max(1, int(np.sqrt(max_pixels // (th * tw))))
-    ys = np.linspace(0, height - th, per_axis).astype(int)
-    xs = np.linspace(0, width - tw, per_axis).astype(int)
-    tiles = [source.read_region(y, y + th, x, x + tw, level) for y in ys for x in xs]
-    return np.concatenate(tiles, axis=2)

@@ -2,7 +2,7 @@
 
 ``run_segmentation`` is the one entry point of the CLI, the napari widget and the demo. It chains
 :func:`napari_medseg.core.inference.segment` (probabilities and auxiliary maps) with block-wise
-instance decoding (:func:`napari_medseg.core.instances.instances_blockwise`) into the same zarr
+instance decoding (:func:`napari_medseg.core.blockwise.instances_blockwise`) into the same zarr
 group, yielding progress throughout and resuming either stage where a previous run stopped.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from src_models import create_model, list_models, load_weights
 from .decode_tuning import decode_settings_for
 from .devices import pick_device
 from .inference import InferenceSettings, RunResult, segment
-from .instances import DecodeSettings, block_regions, instances_blockwise
+from .blockwise import block_regions, instances_blockwise
+from .instances import DecodeSettings
 from .memory import trim_heap
 from .progress import JobGenerator
 from .rerun import snapshot_model_labels
