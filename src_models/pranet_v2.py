@@ -15,8 +15,8 @@ Faithful to the paper and the authors' MIT code (ai4colonoscopy/PraNet-V2 ``bina
   RFB sum and after the inner DSRA convs (not after the first 1×1 nor the heads).
 * All 8 maps upsampled bilinearly (align_corners=False) to the input size; inference uses Σ_i R_i^F.
 * Losses (:mod:`.pranet_v2_loss`): multi-class 0.5·CE + 0.7·Dice (TransUNet: softmax, squared
-  denominators, incl. class 0) + 0.3·BCE(R^B, 1 − one_hot(y)) per supervised output, the weights of the authors' trainers;
-  binary: the code's ``structure_loss`` wBCE + wIoU + 0.8·wBCE(R^B, 1 − G) per stage.
+  denominators, incl. class 0) + 0.3·BCE(R^B, 1 − one_hot(y)) per supervised output, the weights of
+  the authors' trainers; binary: the code's ``structure_loss`` wBCE + wIoU + 0.8·wBCE(R^B, 1 − G) per stage.
 * Preset "paper" with in_channels=3, num_classes=1 has exactly 30,499,830 parameters (MODELS.md §7.3);
   the unused ImageNet fc (2,049,000) and 1→3 input adapter (12) of the official class are not built.
 
