@@ -18,56 +18,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from skimage.draw import disk, polygon as draw_polygon
-from skimage.measure import regionprops
 
 from napari_medseg import cli
 from napari_medseg.core import bench_export
 from napari_medseg.core.export import export_labels, export_label_tiff, label_dtype, pyramid_shapes
 from napari_medseg.core.export_source import ExportError, open_label_source
 from napari_medseg.core.progress import drain
-from napari_medseg.core.store import MapInfo, OutputStore, StoreLayout
 from napari_medseg.export_job import (format_for_path, output_for, source_from_layer,
                                       source_from_layer_data)
 from napari_medseg._writer import write_labels
 from src_models import weights_io
 
+from export_fixtures import RUN, blobs, leftovers, make_store, rasterise
+
 REPO = Path(__file__).resolve().parents[1]
-RUN = {"model": "vunet", "weights_sha256": "ab" * 32, "date": "2026-01-02T03:04:05+00:00",
-       "package_version": "0.1.0"}
-UNCERTAINTY = ("entropy", "variance", "mutual_information")
-
-
-def blobs(shape=(300, 260), seed=0, count=60, first_id=3, step=3) -> np.ndarray:
-    """Disks of random size and place (some cut by the image border), a square with a hole and
-    one label in two pieces: ``(H, W) uint32``."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros(shape, np.uint32)
-    for i in range(count):
-        rr, cc = disk((rng.integers(0, shape[0]), rng.integers(0, shape[1])), rng.integers(3, 16),
-                      shape=shape)
-        labels[rr, cc] = first_id + i * step
-    labels[100:140, 100:140] = 999
-    labels[110:120, 110:120] = 0
-    labels[200:205, 10:15] = 998
-    labels[210:215, 30:35] = 998
-    return labels
-
-
-def make_store(path, labels, pixel_size=(0.5, 0.5)) -> tuple[OutputStore, dict]:
-    """An output store holding ``labels`` and V-UNet-like uncertainty maps (random values)."""
-    maps = (MapInfo("probs", 3, "probability", (0, 1)),) + tuple(
-        MapInfo(name, 1, "uncertainty", (0, 1)) for name in UNCERTAINTY)
-    layout = StoreLayout(labels.shape, 64, 128, maps, maps_dtype="float32",
-                         pixel_size=pixel_size, unit="micrometer")
-    store = OutputStore.create(Path(path), layout, RUN, {})
-    rng = np.random.default_rng(1)
-    values = {name: rng.random((1,) + labels.shape).astype(np.float32) for name in UNCERTAINTY}
-    region = (0, labels.shape[0], 0, labels.shape[1])
-    store.write_maps(region, {"probs": np.zeros((3,) + labels.shape, np.float32), **values})
-    store.write_labels(region, labels)
-    store.mark_done(region, "labels")
-    return store, values
 
 
 @pytest.fixture
@@ -78,10 +42,6 @@ def labels():
 @pytest.fixture
 def store(tmp_path, labels):
     return make_store(tmp_path / "run.medseg.zarr", labels)
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
 
 
 # ----------------------------------------------------------------------------- label images
@@ -186,101 +146,6 @@ def test_bigtiff_is_chosen_past_4gb(tmp_path, monkeypatch):
     drain(export_label_tiff(blobs((64, 64), count=3), tmp_path / "b.tif"))
     with tifffile.TiffFile(tmp_path / "b.tif") as tif:
         assert tif.is_bigtiff
-
-
-# ----------------------------------------------------------------------------- tables
-def test_csv_rows_match_regionprops_across_blocks(tmp_path, store, labels):
-    intensity = np.random.default_rng(2).random(labels.shape).astype(np.float32)
-    result = drain(export_labels(store[0], tmp_path / "o.csv", "csv", image=intensity, block=64))
-    table = pd.read_csv(result.path)
-    props = {p.label: p for p in regionprops(labels.astype(np.int64), intensity_image=intensity)}
-    assert result.objects == len(table) == len(props) and list(table["label"]) == sorted(props)
-    maps = store[1]
-    for row in table.itertuples():
-        p = props[row.label]
-        mask = labels == row.label
-        assert row.area == p.area
-        assert (row.centroid_y, row.centroid_x) == pytest.approx(p.centroid)
-        assert (row.bbox_y0, row.bbox_x0, row.bbox_y1, row.bbox_x1) == p.bbox
-        assert row.equivalent_diameter == pytest.approx(p.equivalent_diameter_area)
-        assert row.mean_intensity == pytest.approx(p.intensity_mean, rel=1e-5)
-        for name in UNCERTAINTY:
-            assert getattr(row, f"mean_{name}") == pytest.approx(maps[name][0][mask].mean(), rel=1e-5)
-        assert row.area_um2 == pytest.approx(p.area * 0.25)
-    assert set(table["model"]) == {"vunet"} and set(table["weights_sha256"]) == {RUN["weights_sha256"]}
-
-
-def test_csv_of_a_plain_array_has_no_run_columns(tmp_path, labels):
-    table = pd.read_csv(drain(export_labels(labels, tmp_path / "p.csv", "csv")).path)
-    assert "model" not in table and "mean_intensity" not in table and "area_um2" not in table
-    assert table["area"].sum() == (labels > 0).sum()
-
-
-# ----------------------------------------------------------------------------- GeoJSON
-def rasterise(geometry: dict, shape) -> np.ndarray:
-    """Pixels whose centres lie inside a feature's polygons (holes removed)."""
-    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
-    mask = np.zeros(shape, bool)
-    for rings in polygons:
-        for index, ring in enumerate(rings):
-            ring = np.asarray(ring)
-            rr, cc = draw_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape)   # pixel centres
-            mask[rr, cc] = index == 0
-    return mask
-
-
-def check_qupath_feature_collection(data: dict) -> None:
-    """What QuPath's GeoJSON import needs (≥ 0.4): a FeatureCollection of Features with closed
-    Polygon/MultiPolygon rings of ≥ 4 [x, y] numbers, objectType and numeric measurements."""
-    assert data["type"] == "FeatureCollection" and isinstance(data["features"], list)
-    for feature in data["features"]:
-        assert feature["type"] == "Feature" and isinstance(feature["id"], str)
-        geometry = feature["geometry"]
-        assert geometry["type"] in ("Polygon", "MultiPolygon")
-        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
-        for rings in polygons:
-            for ring in rings:
-                assert len(ring) >= 4 and ring[0] == ring[-1]
-                assert all(len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in ring)
-        props = feature["properties"]
-        assert props["objectType"] == "detection"
-        assert all(isinstance(k, str) and isinstance(v, (int, float))
-                   for k, v in props["measurements"].items())
-        if "classification" in props:
-            assert isinstance(props["classification"]["name"], str)
-
-
-def test_geojson_polygons_cover_their_objects(tmp_path, store, labels):
-    result = drain(export_labels(store[0], tmp_path / "o.geojson", "geojson", block=64,
-                                 classification="Nucleus"))
-    text = result.path.read_text()
-    data = json.loads(text)
-    check_qupath_feature_collection(data)
-    assert result.objects == len(data["features"]) == len(np.unique(labels)) - 1
-    kinds = {}
-    for feature in data["features"]:
-        label = feature["properties"]["label"]
-        drawn, mask = rasterise(feature["geometry"], labels.shape), labels == label
-        iou = (drawn & mask).sum() / (drawn | mask).sum()
-        assert iou >= 0.95, (label, iou)
-        assert feature["properties"]["measurements"]["area"] == mask.sum()
-        assert "mean_entropy" in feature["properties"]["measurements"]
-        kinds[label] = feature["geometry"]["type"]
-    assert kinds[998] == "MultiPolygon"
-    holed = next(f for f in data["features"] if f["properties"]["label"] == 999)
-    assert len(holed["geometry"]["coordinates"]) == 2                    # outer ring + the hole
-    assert data["napari_medseg"]["model"] == "vunet"
-
-
-def test_geojson_large_objects_are_traced_on_their_own(tmp_path):
-    labels = np.zeros((200, 200), np.uint16)
-    labels[5:190, 10:195] = 7           # larger than a block
-    labels[50:60, 50:60] = 8            # inside it
-    data = json.loads(drain(export_labels(labels, tmp_path / "g.geojson", "geojson", block=64))
-                      .path.read_text())
-    for feature in data["features"]:
-        drawn = rasterise(feature["geometry"], labels.shape)
-        assert (drawn == (labels == feature["properties"]["label"])).all()
 
 
 # ----------------------------------------------------------------------------- bad input
