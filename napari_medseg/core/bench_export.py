@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,8 @@ SUFFIX = {"tiff": ".tif", "ome-tiff": ".ome.tif", "csv": ".csv", "geojson": ".ge
 BLOCK = 1024
 MODULE = "napari_medseg.core.bench_export"
 DISKS_PER_BLOCK = 40
+
+log = logging.getLogger(__name__)
 
 
 def write_label_zarr(path, size: int, seed: int = 0) -> None:
@@ -84,14 +87,14 @@ def run(sizes, formats, workdir: Path) -> list[dict]:
         labels = workdir / f"labels_{size}.zarr"
         started = time.perf_counter()
         write_label_zarr(labels, size)
-        print(f"{size}²: label zarr written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        log.info("%d²: label zarr written in %.0f s", size, time.perf_counter() - started)
         for fmt in formats:
             output = workdir / f"out_{size}{SUFFIX[fmt]}"
             done = subprocess.run([sys.executable, "-m", MODULE, "--one", str(labels), str(output), fmt],
                                   capture_output=True, text=True, check=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
             row = {"size": size, **json.loads(done.stdout.strip().splitlines()[-1])}
-            print(json.dumps(row), file=sys.stderr)
+            log.info("%s", json.dumps(row))
             rows.append(row)
             output.unlink()
     return rows
@@ -116,16 +119,18 @@ def main(argv=None) -> int:
     parser.add_argument("--one", nargs=3, metavar=("LABELS", "OUTPUT", "FORMAT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_one(*args.one)))
+        sys.stdout.write(json.dumps(measure_one(*args.one)) + "\n")   # the parent reads this line
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = [int(s) for s in args.sizes.split(",")]
     formats = [f.strip() for f in args.formats.split(",")]
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        print(format_table(run(sizes, formats, Path(args.workdir))))
+        table = format_table(run(sizes, formats, Path(args.workdir)))
     else:
         with tempfile.TemporaryDirectory() as folder:
-            print(format_table(run(sizes, formats, Path(folder))))
+            table = format_table(run(sizes, formats, Path(folder)))
+    sys.stdout.write(table + "\n")
     return 0
 
 
