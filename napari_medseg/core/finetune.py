@@ -55,7 +55,7 @@ class FinetuneSettings:
     edit_share: float = 0.35            # share of each batch's loss carried by the edit crops
     #   (an edit crop supervises ~1 % of its pixels, a replay crop all of them: unweighted, the
     #   edits are ~1 % of the loss); 0: plain pixel mean. Scored with 8 test-time views, 0.5 cost
-    #   the original domain 0.03 AJI at K = 30 and 0.35 under 0.02, still gaining +0.18 (README)
+    #   the original domain 0.03 AJI at K = 30 and 0.35 under 0.02 (3 seeds), gaining +0.15-0.18 (README)
     anchor: float = 100.0               # after each step, weights move back towards the parent's by
     #   lr × anchor × (w − w_parent) (L2-SP, decoupled like AdamW's decay); 0: no pull
     forgetting_tolerance: float | None = 0.1   # weights whose loss on replay crops (the starters'
