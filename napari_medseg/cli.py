@@ -180,6 +180,20 @@ def _add_demo(sub) -> None:
     p.add_argument("--sample", default="fluorescence_large")
 
 
+def _add_pseudolabel(sub) -> None:
+    p = sub.add_parser("pseudolabel", help="complete mask-only images into instance labels for training",
+                       description="For a data folder with images/, semantic_masks/ and instance labels for "
+                       "some images (MoNuSeg 2018), write a new training folder: the real instance labels "
+                       "copied, and for mask-only images the teacher's instances reshaped to the annotated "
+                       "foreground. Train on it with `napari-medseg train --data OUT`; those images are never "
+                       "used for validation.")
+    p.add_argument("--weights", required=True, help="teacher weights (an instance model)")
+    p.add_argument("--data", required=True, help="source data folder (only read)")
+    p.add_argument("--out", required=True, help="new output folder (must not exist)")
+    p.add_argument("--tta", type=int, help=TTA_HELP)
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     parser = argparse.ArgumentParser(
@@ -187,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         "published networks; fine-tune on corrections; export labels.")
     parser.add_argument("--version", action="version", version=f"napari-medseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_segment, _add_finetune, _add_train, _add_evaluate, _add_export, _add_bench, _add_demo):
+    for add in (_add_segment, _add_finetune, _add_train, _add_evaluate, _add_export, _add_pseudolabel,
+                _add_bench, _add_demo):
         add(sub)
     return parser
 

@@ -360,6 +360,13 @@ def run_bench(args) -> None:
     run(args)
 
 
+def run_pseudolabel(args) -> None:
+    """Complete mask-only images into a training folder (:mod:`.cli_data`)."""
+    from .cli_data import run_pseudolabel as run
+
+    run(args)
+
+
 def _has_display() -> bool:
     import os
 

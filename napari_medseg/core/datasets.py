@@ -6,6 +6,8 @@ Accepted layouts (those of ../shared/data, plus a generic one):
 * ``images/<id>.png`` + ``instance_labels/<id>.tif`` (MoNuSeg; images without instance labels are
   skipped unless only semantic masks are wanted);
 * ``image/NN.png`` + ``label/NN.png`` semantic masks, 255 = cell interior, 0 = membrane (ISBI 2012).
+* ``images/`` + ``labels/`` + ``pseudo_labels.json``: a folder written by :mod:`.pseudo_labels`, whose
+  listed ids have model-completed labels (trained on, never validated on).
 
 The validation split is a stable hash of each image id, stratified by modality where an
 ``index.json`` gives one, so the same images are held out on every machine and run.
@@ -34,6 +36,8 @@ class Sample:
         labels: ``(H, W)`` int32 instance IDs (``kind == "instances"``) or {0, 1} foreground.
         kind: ``"instances"`` or ``"semantic"``.
         modality: e.g. ``"fluorescence"``, ``"histology_color"``, ``"em"``, or ``"unknown"``.
+        pseudo: labels completed by a model (listed in the folder's ``pseudo_labels.json``,
+            :mod:`.pseudo_labels`): trained on, never validated on.
     """
 
     id: str
@@ -41,6 +45,7 @@ class Sample:
     labels: np.ndarray
     kind: str
     modality: str = "unknown"
+    pseudo: bool = False
 
 
 def read_image_chw(path: Path) -> np.ndarray:
@@ -88,6 +93,8 @@ def load_folder(root: str | Path, limit: int | None = None) -> list[Sample]:
         raise FileNotFoundError(f"data folder {root} does not exist")
     image_dir, label_dir, kind = detect_layout(root)
     modality = _modalities(root)
+    manifest = root / "pseudo_labels.json"
+    pseudo_ids = set(json.loads(manifest.read_text())["ids"]) if manifest.exists() else set()
     default_modality = "em" if kind == "semantic" else "unknown"
     samples = []
     for label_path in sorted(p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -101,7 +108,7 @@ def load_folder(root: str | Path, limit: int | None = None) -> list[Sample]:
         if labels.shape != image.shape[1:]:
             raise ValueError(f"{label_path.name}: labels {labels.shape} do not match image {image.shape[1:]}")
         samples.append(Sample(label_path.stem, image, labels, kind,
-                              modality.get(label_path.stem, default_modality)))
+                              modality.get(label_path.stem, default_modality), label_path.stem in pseudo_ids))
         if limit and len(samples) >= limit:
             break
     if not samples:
@@ -119,11 +126,12 @@ def split(samples: list[Sample], val_fraction: float) -> tuple[list[Sample], lis
     """(train, validation) by :func:`is_validation`, stratified per modality.
 
     Within each modality the ids are ranked by hash and the lowest ``val_fraction`` share (at least
-    one image when the modality has three or more) goes to validation.
+    one image when the modality has three or more) goes to validation. Pseudo-labelled samples are
+    always trained on and do not count, so adding them leaves the validation split unchanged.
     """
-    train, val = [], []
+    train, val = [s for s in samples if s.pseudo], []
     for mod in sorted({s.modality for s in samples}):
-        group = sorted((s for s in samples if s.modality == mod),
+        group = sorted((s for s in samples if s.modality == mod and not s.pseudo),
                        key=lambda s: hashlib.sha1(s.id.encode()).hexdigest())
         n_val = int(round(val_fraction * len(group)))
         if val_fraction > 0 and n_val == 0 and len(group) >= 3:

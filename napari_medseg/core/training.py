@@ -25,6 +25,7 @@ from .datasets import Sample, load_folder, split
 from .devices import pick_device
 from .normalize import normalize_image
 from .progress import JobGenerator, Progress
+from .pseudo_labels import read_manifest
 from .recipe import Recipe
 from .targets import CLASS_NAMES, instances_to_classes, semantic_to_classes
 
@@ -226,6 +227,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
         yield Progress("validate", 0, len(val_samples), f"validating on {len(val_samples)} images")
         metrics = evaluate_samples(model.eval(), val_samples, recipe, card=eval_card)
     data_name = data_name or Path(data_dir).name
+    pseudo = read_manifest(data_dir)
     card = {
         "classes": list(CLASS_NAMES[:recipe.num_classes]) if recipe.num_classes == 3
         else ["membrane", "cell"],
@@ -238,6 +240,8 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "licence": next((v for k, v in DATA_LICENCES.items() if k in data_name), "unknown"),
             "train_images": len(train_samples), "val_images": len(val_samples),
             "val_ids": [s.id for s in val_samples],
+            "pseudo_labels": pseudo and {"images": len(pseudo["ids"]), "source": pseudo["source"],
+                                         "teacher_sha256": pseudo["teacher"]["sha256"]},
             "recipe": recipe.to_dict(), "steps_done": steps_done,
             "pretrain_steps_done": state["pretrain_step"],
             "time_s": round(train_time, 1),
