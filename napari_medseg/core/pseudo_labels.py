@@ -84,9 +84,7 @@ def plan_pseudolabels(data_dir: str | Path) -> tuple[dict[str, Path], dict[str, 
     if not images or not masks:
         raise FileNotFoundError(f"{root} needs images/ and {MASK_DIR}/ (foreground masks) to pseudo-label; "
                                 "for example ../shared/data/monuseg2018_train")
-    instances: dict[str, Path] = {}
-    for name in INSTANCE_DIRS:
-        instances = instances or _label_files(root / name)
+    instances = next((found for found in (_label_files(root / name) for name in INSTANCE_DIRS) if found), {})
     to_complete = {i: p for i, p in masks.items() if i in images and i not in instances}
     if not to_complete:
         raise ValueError(f"every image of {root} already has instance labels: nothing to pseudo-label")
