@@ -246,7 +246,7 @@ def _evaluation_samples(args, card: dict):
     from .core.datasets import Sample, load_folder, read_image_chw
 
     if args.data:
-        samples = load_folder(args.data)
+        samples = [s for s in load_folder(args.data) if not s.pseudo]   # never score a model's own labels
         if args.split == "val":
             val_ids = set(card.get("training", {}).get("val_ids", []))
             if not val_ids:

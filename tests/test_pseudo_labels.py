@@ -128,7 +128,11 @@ def test_cli_pseudolabel_then_train_records_the_teacher(mask_only_folder, tmp_pa
     weights = tmp_path / "student"
     assert main(["train", "--model", "gca_resunet", "--data", str(out), "--out", str(weights), "--steps", "2",
                  "--batch", "1", "--crop", "64", "--val-split", "0", "--device", "cpu"]) == 0
+    capsys.readouterr()
     training = json.loads(weights.with_suffix(".json").read_text())["training"]
     assert training["train_images"] == 2 and training["val_ids"] == []
     assert training["pseudo_labels"]["teacher_sha256"] == json.loads(teacher.with_suffix(".json").read_text())["sha256"]
     assert training["licence"].startswith("CC BY-NC-SA")          # the folder name carries the source's licence
+
+    assert main(["evaluate", "--weights", str(weights), "--data", str(out), "--tta", "1", "--json"]) == 0
+    assert [row["name"] for row in json.loads(capsys.readouterr().out)["per_image"]] == ["real"]

@@ -24,6 +24,7 @@ import tifffile
 from skimage import io as skio
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg")
+PSEUDO_MANIFEST = "pseudo_labels.json"   # lists the ids whose labels a model completed (.pseudo_labels)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def load_folder(root: str | Path, limit: int | None = None) -> list[Sample]:
         raise FileNotFoundError(f"data folder {root} does not exist")
     image_dir, label_dir, kind = detect_layout(root)
     modality = _modalities(root)
-    manifest = root / "pseudo_labels.json"
+    manifest = root / PSEUDO_MANIFEST
     pseudo_ids = set(json.loads(manifest.read_text())["ids"]) if manifest.exists() else set()
     default_modality = "em" if kind == "semantic" else "unknown"
     samples = []

@@ -26,10 +26,9 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential, watershed
 
-from .datasets import IMAGE_SUFFIXES, read_image_chw
+from .datasets import IMAGE_SUFFIXES, PSEUDO_MANIFEST, read_image_chw
 from .progress import JobGenerator, Progress
 
-MANIFEST = "pseudo_labels.json"
 INSTANCE_DIRS = ("instance_labels", "labels")
 MASK_DIR = "semantic_masks"
 
@@ -155,12 +154,12 @@ def _write_folder(model, card, data_dir, partial: Path, images, instances, to_co
         "method": "teacher instances clipped to the annotated foreground mask; uncovered mask pixels "
                   "to the nearest instance (watershed), instance-free mask components as one instance",
     }
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (partial / PSEUDO_MANIFEST).write_text(json.dumps(manifest, indent=2))
     yield Progress("pseudo-label", len(to_complete), len(to_complete), f"{len(to_complete)} images completed")
     return manifest
 
 
 def read_manifest(root: str | Path) -> dict | None:
     """The ``pseudo_labels.json`` of a data folder, or None."""
-    path = Path(root) / MANIFEST
+    path = Path(root) / PSEUDO_MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
