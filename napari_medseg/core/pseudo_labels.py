@@ -61,6 +61,7 @@ def complete_to_mask(foreground: np.ndarray, predicted: np.ndarray) -> np.ndarra
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
+    """Image or label files of a folder by stem ({} when there is no such folder)."""
     if not folder.is_dir():
         return {}
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
@@ -78,7 +79,7 @@ def plan_pseudolabels(data_dir: str | Path) -> tuple[dict[str, Path], dict[str, 
     ``labels/``); ids with an instance map are copied, ids with only a mask are completed.
     """
     root = Path(data_dir)
-    images = {p.stem: p for p in sorted((root / "images").glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
+    images = _label_files(root / "images")
     masks = _label_files(root / MASK_DIR)
     if not images or not masks:
         raise FileNotFoundError(f"{root} needs images/ and {MASK_DIR}/ (foreground masks) to pseudo-label; "
