@@ -61,7 +61,7 @@ def test_pseudo_labelled_samples_are_trained_on_and_leave_the_validation_split_u
 def mask_only_folder(tmp_path):
     """MoNuSeg-like folder: two H&E crops with masks, one of them with instance labels too."""
     image, labels = load_sample("histology_he"), load_sample_labels("histology_he").astype(np.int32)
-    root = tmp_path / "source"
+    root = tmp_path / "monuseg2018_train"
     for sub in ("images", "instance_labels", "semantic_masks"):
         (root / sub).mkdir(parents=True)
     for stem, (ys, xs) in {"real": (slice(0, 128), slice(0, 128)),
@@ -91,7 +91,7 @@ def test_pseudolabel_job_writes_a_training_folder_and_never_overwrites(mask_only
                                   tifffile.imread(source / "instance_labels" / "real.tif"))
     samples = {s.id: s for s in load_folder(out)}
     assert samples["maskonly"].pseudo and not samples["real"].pseudo
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["monuseg_pseudo", "source"]   # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monuseg2018_train", "monuseg_pseudo"]   # no leftovers
 
     with pytest.raises(FileExistsError, match="choose a new output folder"):
         drain(pseudolabel_job(model, card, source, out, tta=1))
@@ -105,7 +105,7 @@ def test_a_failed_job_leaves_nothing_under_any_name(mask_only_folder, tmp_path):
     job = pseudolabel_job(model, card, source, tmp_path / "out", tta=1)
     next(job)
     job.close()                                                   # cancelled mid-way
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monuseg2018_train"]
     with pytest.raises(FileNotFoundError, match="semantic_masks"):
         drain(pseudolabel_job(model, card, tmp_path, tmp_path / "out2"))
     with pytest.raises(ValueError, match="instance"):
@@ -117,7 +117,7 @@ def test_cli_pseudolabel_then_train_records_the_teacher(mask_only_folder, tmp_pa
     from napari_medseg.core.resources import starter_weights
 
     source, _ = mask_only_folder
-    out = tmp_path / "monuseg2018_pseudo"
+    out = tmp_path / "completed"
     teacher = starter_weights("gca_resunet")
     assert main(["pseudolabel", "--weights", str(teacher), "--data", str(source), "--out", str(out),
                  "--tta", "1", "--device", "cpu"]) == 0
@@ -132,7 +132,7 @@ def test_cli_pseudolabel_then_train_records_the_teacher(mask_only_folder, tmp_pa
     training = json.loads(weights.with_suffix(".json").read_text())["training"]
     assert training["train_images"] == 2 and training["val_ids"] == []
     assert training["pseudo_labels"]["teacher_sha256"] == json.loads(teacher.with_suffix(".json").read_text())["sha256"]
-    assert training["licence"].startswith("CC BY-NC-SA")          # the folder name carries the source's licence
+    assert training["licence"].startswith("CC BY-NC-SA")          # from the manifest's source folder
 
     assert main(["evaluate", "--weights", str(weights), "--data", str(out), "--tta", "1", "--json"]) == 0
     assert [row["name"] for row in json.loads(capsys.readouterr().out)["per_image"]] == ["real"]

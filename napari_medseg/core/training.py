@@ -36,6 +36,13 @@ DATA_LICENCES = {
 }
 
 
+def data_licence(*names: str | None) -> str:
+    """Licence of the first known dataset named in ``names`` (a folder name, or for a folder written
+    by :mod:`.pseudo_labels` also its source folder's name), else ``"unknown"``."""
+    return next((licence for name in names if name for key, licence in DATA_LICENCES.items() if key in name),
+                "unknown")
+
+
 def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
     """Normalised images and class targets in memory, with sampling weights."""
     items = []
@@ -237,7 +244,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
         "tile_size": recipe.crop,
         "training": {
             "data": data_name, "data_path": str(data_dir),
-            "licence": next((v for k, v in DATA_LICENCES.items() if k in data_name), "unknown"),
+            "licence": data_licence(data_name, pseudo and Path(pseudo["source"]).name),
             "train_images": len(train_samples), "val_images": len(val_samples),
             "val_ids": [s.id for s in val_samples],
             "pseudo_labels": pseudo and {"images": len(pseudo["ids"]), "source": pseudo["source"],
