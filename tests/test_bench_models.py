@@ -4,7 +4,7 @@ from __future__ import annotations
 from src_models import list_models, read_card
 
 from napari_medseg.cli import main
-from napari_medseg.core.bench_models import model_table, starter_table
+from napari_medseg.core.bench_models import _earlier_runs, model_table, starter_table
 from napari_medseg.core.resources import starter_weights
 
 
@@ -30,3 +30,10 @@ def test_cli_bench_models_quick_prints_both_tables(capsys):
 def test_model_table_counts_parameters():
     rows = {r["model"]: r for r in model_table(speed=False, macs=False)}
     assert rows["vunet"]["paper_params"] == 6_908_057 and rows["gca_resunet"]["paper_params"] == 48_982_089
+
+
+def test_earlier_runs_sum_the_whole_warm_start_lineage():
+    lineage = {"steps_done": 1262, "init": {"steps_done": 231, "init": {"steps_done": 379, "init": None}}}
+    assert _earlier_runs(lineage) == ", after 1872 in 3 earlier runs"
+    assert _earlier_runs({"steps_done": 610}) == ", after 610 in 1 earlier run"   # an older card
+    assert _earlier_runs(None) == ""

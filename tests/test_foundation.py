@@ -1,7 +1,6 @@
 """Package foundation: Qt-free engine, manifest consistency, resources, CLI behaviour."""
 from __future__ import annotations
 
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path

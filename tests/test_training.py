@@ -68,9 +68,15 @@ def test_init_warm_start_is_recorded_and_checked(data, tmp_path):
     first = drain(train(_recipe(val_split=0.0), data, tmp_path / "a", device="cpu"))
     second = drain(train(_recipe(val_split=0.0), data, tmp_path / "b", device="cpu", init=tmp_path / "a"))
     assert second["training"]["init"] == {"sha256": first["sha256"], "version": first["version"],
-                                          "steps_done": 4}
+                                          "steps_done": 4, "time_s": first["training"]["time_s"],
+                                          "init": None}
+    third = drain(train(_recipe(steps=2, val_split=0.0), data, tmp_path / "c", device="cpu",
+                        init=tmp_path / "b"))
+    lineage = third["training"]["init"]        # every earlier run, newest first
+    assert lineage["sha256"] == second["sha256"] and lineage["steps_done"] == 4
+    assert lineage["init"]["sha256"] == first["sha256"] and lineage["init"]["init"] is None
     with pytest.raises(ValueError, match="another config"):
-        drain(train(_recipe(val_split=0.0, model_overrides={"ce_weight": 0.5}), data, tmp_path / "c",
+        drain(train(_recipe(val_split=0.0, model_overrides={"ce_weight": 0.5}), data, tmp_path / "d",
                     device="cpu", init=tmp_path / "a"))
 
 

@@ -116,8 +116,7 @@ def starter_table(speed_rows: list[dict] | None = None) -> str:
         mean = ((card.get("metrics") or {}).get("validation") or {}).get("mean") or {}
         decode = card.get("decode") or {}
         stage1 = f" (+{train['pretrain_steps_done']})" if train.get("pretrain_steps_done") else ""
-        earlier = (train.get("init") or {}).get("steps_done")
-        stage1 += f", after {earlier} in earlier runs" if earlier else ""
+        stage1 += _earlier_runs(train.get("init"))
         speed = speeds.get(name, {})
         cpu = (f"{speed['lite_cpu_mpx_s']:.3f} ({speed['speed_vs_fastest']:.2f})" if "lite_cpu_mpx_s" in speed
                else "—")
@@ -129,3 +128,14 @@ def starter_table(speed_rows: list[dict] | None = None) -> str:
             f"{decode.get('seed_threshold', 0.5)} / {decode.get('foreground_threshold', 0.5)} / "
             f"{decode.get('min_area', 8)} |")
     return "\n".join(lines)
+
+
+def _earlier_runs(init: dict | None) -> str:
+    """Table text such as ``", after 841 in 2 earlier runs"`` for a card's ``training.init`` lineage:
+    the steps of every earlier run it names (cards written before the lineage was recorded name only
+    the last one); ``""`` for a model trained from scratch."""
+    steps, runs = 0, 0
+    while init:
+        steps, runs = steps + (init.get("steps_done") or 0), runs + 1
+        init = init.get("init")
+    return f", after {steps} in {runs} earlier run{'s' * (runs > 1)}" if steps else ""

@@ -56,6 +56,16 @@ def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
     return items
 
 
+def warm_start_lineage(init_card: dict) -> dict:
+    """The ``training.init`` entry of a card trained from ``init_card``'s weights: that run's sha256,
+    version, steps and seconds, nesting its own ``init`` so a starter continued several times names
+    every earlier run (each older card written before this field recorded less)."""
+    trained = init_card.get("training") or {}
+    return {"sha256": init_card["sha256"], "version": init_card.get("version"),
+            "steps_done": trained.get("steps_done"), "time_s": trained.get("time_s"),
+            "init": trained.get("init")}
+
+
 def lr_factor(progress: float, step: int, recipe: Recipe) -> float:
     """Linear warm-up then cosine decay to ``min_lr_ratio``; ``progress`` in [0, 1]."""
     if step < recipe.warmup_steps:
@@ -254,8 +264,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "time_s": round(train_time, 1),
             "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
             "torch": torch.__version__,
-            "init": init_card and {"sha256": init_card["sha256"], "version": init_card.get("version"),
-                                   "steps_done": (init_card.get("training") or {}).get("steps_done")},
+            "init": init_card and warm_start_lineage(init_card),
         },
         "metrics": {"validation": metrics} | ({"decode_tuning": {
             "on": "validation split", "n_images": tuning["n_images"], "before": tuning["before"],
