@@ -35,5 +35,5 @@ def test_model_table_counts_parameters():
 def test_earlier_runs_sum_the_whole_warm_start_lineage():
     lineage = {"steps_done": 1262, "init": {"steps_done": 231, "init": {"steps_done": 379, "init": None}}}
     assert _earlier_runs(lineage) == ", after 1872 in 3 earlier runs"
-    assert _earlier_runs({"steps_done": 610}) == ", after 610 in 1 earlier run"   # an older card
+    assert _earlier_runs({"steps_done": 610}) == ", after 610 in an earlier run"   # an older card
     assert _earlier_runs(None) == ""

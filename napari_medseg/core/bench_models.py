@@ -138,4 +138,5 @@ def _earlier_runs(init: dict | None) -> str:
     while init:
         steps, runs = steps + (init.get("steps_done") or 0), runs + 1
         init = init.get("init")
-    return f", after {steps} in {runs} earlier run{'s' * (runs > 1)}" if steps else ""
+    count = "an earlier run" if runs == 1 else f"{runs} earlier runs"
+    return f", after {steps} in {count}" if steps else ""
