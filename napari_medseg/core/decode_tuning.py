@@ -72,12 +72,32 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
         raise ValueError("no labelled samples to tune on")
     tta = resolve_tta(card, tta)
     probabilities = [predict_probabilities(model.eval(), s.image, card, tta=tta) for s in samples]
-    truths = [s.labels for s in samples]
-    best = start or decode_settings_for(card)
+    result = search_thresholds(probabilities, [s.labels for s in samples],
+                               start or decode_settings_for(card), passes=passes, log=log)
+    return {**result, "tta": tta}
+
+
+def search_thresholds(probabilities: list[np.ndarray], truths: list[np.ndarray], start: DecodeSettings,
+                      passes: int = 2, log=None, grid: dict | None = None) -> dict:
+    """Coordinate search of the decoding knobs on predicted maps.
+
+    Args:
+        probabilities: per image ``(3, H, W)`` float probabilities.
+        truths: per image ``(H, W)`` int instance labels.
+        start: settings to start from (already scored, so never worse than the result).
+        passes: rounds over the grid.
+        log: optional ``callable(str)``.
+        grid: ``{field: values}`` (default :data:`GRID`).
+
+    Returns:
+        ``{"settings": {field: value}, "before": scores, "after": scores, "n_images": n, "grid": grid}``.
+    """
+    grid = GRID if grid is None else grid
+    best = start
     before = best_scores = _score(probabilities, truths, best)
     for _ in range(passes):
         changed = False
-        for name, values in GRID.items():
+        for name, values in grid.items():
             current = getattr(best, name)      # already scored: try every other value once
             for value in values:
                 if value == current:
@@ -90,9 +110,8 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
                 log(f"{name} = {getattr(best, name)}: F1 {best_scores['f1']:.3f}, AJI {best_scores['aji']:.3f}")
         if not changed:
             break
-    return {"settings": {k: getattr(best, k) for k in TUNED_FIELDS}, "before": before,
-            "after": best_scores, "n_images": len(samples), "grid": {k: list(v) for k, v in GRID.items()},
-            "tta": tta}
+    return {"settings": {k: getattr(best, k) for k in grid}, "before": before, "after": best_scores,
+            "n_images": len(truths), "grid": {k: list(v) for k, v in grid.items()}}
 
 
 def write_decode_to_card(weights, result: dict, validation: dict | None = None) -> Path:
