@@ -182,26 +182,6 @@ def test_two_class_components_and_split():
     assert instance_metrics(gt, split)["f1"] == 1.0
 
 
-def test_seed_split_separates_nuclei_whose_interiors_touch(border_scene):
-    """Two overlapping disks predicted as one peanut-shaped interior (no boundary between them):
-    whole seeds give one object; splitting seeds at their neck gives both, and a round nucleus
-    keeps a single seed."""
-    gt = disks([(30, 30), (30, 52)], [12, 12], shape=(64, 84))
-    probs = soft_probs((gt > 0).astype(np.int32))   # the network missed the boundary between them
-    assert decode_instances(probs).max() == 1
-    split = decode_instances(probs, seed_split_depth=2.0)
-    assert instance_metrics(gt, split)["f1"] == 1.0
-    round_one = disks([(30, 30)], [14], shape=(64, 64))
-    assert decode_instances(soft_probs(round_one), seed_split_depth=2.0).max() == 1
-    # Still local per unit: block-wise decoding reproduces the whole image byte for byte.
-    _, scene = border_scene
-    settings = DecodeSettings(seed_split_depth=1.0)
-    whole = decode_instances(scene, settings)
-    np.testing.assert_array_equal(rank(run_blockwise(scene, (64, 64), 24, settings=settings)), whole)
-    with pytest.raises(ValueError, match="seed_split_depth"):
-        DecodeSettings(seed_split_depth=-1)
-
-
 def test_membranes_are_split_by_thin_lines():
     cell = np.ones((40, 40), np.float32)
     cell[20, :] = 0.0  # one horizontal membrane

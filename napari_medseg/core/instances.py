@@ -44,8 +44,6 @@ class DecodeSettings:
     fill_holes: bool = True  # fill background fully enclosed by a single object
     split_touching: bool = False  # K=2 only: split touching blobs by a distance watershed
     split_depth: float = 2.0  # K=2 split: a distance peak must rise this many pixels to seed
-    seed_split_depth: float = 0.0  # K=3: split a seed at necks, where its distance peaks rise this
-    #                                many pixels (0: seeds are whole components, as before)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,10 +55,9 @@ class DecodeSettings:
         if not 0 < self.foreground_threshold < 1:
             raise ValueError("DecodeSettings.foreground_threshold must be in (0, 1), got "
                              f"{self.foreground_threshold}.")
-        if (self.min_area < 0 or self.min_seed_area < 0 or self.split_depth <= 0
-                or self.seed_split_depth < 0):
-            raise ValueError("DecodeSettings: min_area, min_seed_area and seed_split_depth must "
-                             "be >= 0 and split_depth > 0.")
+        if self.min_area < 0 or self.min_seed_area < 0 or self.split_depth <= 0:
+            raise ValueError("DecodeSettings: min_area and min_seed_area must be >= 0 and "
+                             "split_depth > 0.")
 
 
 def as_probabilities(probs) -> np.ndarray:
@@ -103,24 +100,9 @@ def _three_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarr
         small = np.bincount(markers.ravel(), minlength=n + 1) < s.min_seed_area
         small[0] = False
         markers[small[markers]] = 0
-    if s.seed_split_depth > 0:
-        markers = _split_seeds(markers > 0, s.seed_split_depth)
     labels = _flood(-p[1], markers, mask)
     _add_unreached(labels, markers, mask)  # markers now anchor every object
     return labels, markers, mask
-
-
-def _split_seeds(seeds: np.ndarray, depth: float) -> np.ndarray:
-    """Split ``(H, W) bool`` seed regions joined by a neck: each region's distance-transform peaks
-    that rise ``depth`` pixels above the saddle between them become separate seeds, each grown back
-    over its share of the region (watershed on the distance). Two nuclei whose confident interiors
-    touch through a thin bridge get two seeds; a round seed keeps one. Per seed region, so crop
-    invariant like the rest of the decoding. Returns ``(H, W) int32`` seed labels."""
-    distance = ndi.distance_transform_edt(seeds)
-    peaks, _ = ndi.label(h_maxima(distance, depth) & seeds, _EIGHT)
-    split = _flood(-distance, peaks, seeds)
-    _add_unreached(split, peaks, seeds)  # regions too shallow to hold a peak stay whole
-    return split
 
 
 def _two_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
