@@ -233,8 +233,9 @@ def run_train(args) -> None:
         raise CLIError(f"data folder {args.data} does not exist")
     recipe = train_recipe(args)
     out = Path(args.out)
-    if not args.resume and out.with_name(out.name + ".safetensors").exists():
-        raise CLIError(f"{out}.safetensors already exists; choose another --out")
+    for taken in (out.with_name(out.name + ".safetensors"), out.with_name(out.name + ".json")):
+        if not args.resume and taken.exists():   # the card too: it may be the recipe file itself
+            raise CLIError(f"{taken} already exists; choose another --out (or --resume a stopped run)")
     bar = TerminalProgress()
     card = drain(train(recipe, args.data, out, device=args.device, resume=args.resume, init=args.init), bar)
     bar.close()

@@ -85,6 +85,11 @@ def test_cli_train_refuses_to_overwrite_and_unknown_models(data, tmp_path, capsy
     assert main(["train", "--model", "iau_net", "--data", str(data), "--out", str(tmp_path / "w")]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "w.safetensors").read_bytes() == b"mine"
     assert main(["train", "--model", "nope", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    recipe = tmp_path / "r.json"        # a recipe named like the output stem: its card would replace it
+    recipe.write_text('{"steps": 2}')
+    assert main(["train", "--model", "iau_net", "--data", str(data), "--recipe", str(recipe),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "r.json already exists" in capsys.readouterr().err and recipe.read_text() == '{"steps": 2}'
 
 
 def test_cli_keeps_the_recipe_file_values_it_is_not_given(tmp_path):
