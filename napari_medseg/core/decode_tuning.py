@@ -26,7 +26,6 @@ GRID = {
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
     "min_area": (4, 8, 16, 32, 48, 64),   # the DSB2018 starters chose the old top (32) and 0.8 / 0.6
 }
-TUNED_FIELDS = tuple(GRID)
 
 
 def decode_settings_for(card: dict | None) -> DecodeSettings:
