@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ModelConfig, SegmentationModel
-from .losses import masked_cross_entropy, one_hot, soft_dice_loss
+from .losses import masked_cross_entropy, one_hot, soft_dice_loss, targets_pixel_mask
 from .registry import register
 from .resnet_gca import POOLINGS, ResNetGCAEncoder
 
@@ -144,7 +144,8 @@ def init_weights(module: nn.Module, scheme: str) -> None:
 
 
 class GCAResUNetLoss(nn.Module):
-    """L = w_ce · CE + w_dice · Dice (paper: both 1), masked by ``targets["valid"]``.
+    """L = w_ce · CE + w_dice · Dice (paper: both 1), masked by ``targets["valid"]`` (CE also
+    weighted by the optional ``targets["pixel_weight"]``).
 
     Args:
         ce_weight: weight of the cross-entropy term (BCE when K = 1).
@@ -162,7 +163,7 @@ class GCAResUNetLoss(nn.Module):
         if valid is not None:
             # Unsupervised pixels may carry any label (e.g. an ignore value): make it a valid index.
             labels = labels.masked_fill(valid <= 0, 0)
-        ce = masked_cross_entropy(logits, labels, valid)
+        ce = masked_cross_entropy(logits, labels, targets_pixel_mask(targets))
         if logits.shape[1] == 1:
             fg = torch.sigmoid(logits)
             probs = torch.cat([1.0 - fg, fg], dim=1)

@@ -277,7 +277,7 @@ class IAUNetLoss(nn.Module):
 
     def forward(self, outputs: dict, targets: dict) -> dict:
         logits, labels = outputs["logits"], targets["labels"]
-        valid = losses.targets_valid(targets)
+        valid = losses.targets_pixel_mask(targets)   # pixel weights weight TP/FN/FP and CE alike
         if logits.shape[1] == 1:
             probs, onehot = torch.sigmoid(logits), labels[:, None].float()
         else:

@@ -2,7 +2,8 @@
 
 Conventions: ``logits`` are ``(B, K, H, W)``; ``labels`` are ``(B, H, W) int64`` class indices;
 ``valid`` is ``None`` or a ``(B, H, W)`` float mask, 1 where a pixel is supervised and 0 where it is
-not (fine-tuning on user edits masks unreviewed pixels out instead of calling them background).
+not (fine-tuning on user edits masks unreviewed pixels out instead of calling them background);
+a mask may also carry per-pixel weights > 1 (:func:`targets_pixel_mask`).
 Every function returns a scalar tensor. With an all-zero mask the result is 0 with a gradient path.
 """
 from __future__ import annotations
@@ -105,3 +106,16 @@ def focal_tversky_loss(probs, target_onehot, valid=None, w_fn=0.7, w_fp=0.3, gam
 def targets_valid(targets: dict) -> torch.Tensor | None:
     """The optional ``"valid"`` mask of a targets dict."""
     return targets.get("valid")
+
+
+def targets_pixel_mask(targets: dict) -> torch.Tensor | None:
+    """The mask for per-pixel loss terms: ``"valid"`` times the optional ``"pixel_weight"``.
+
+    ``targets["pixel_weight"]`` is a ``(B, H, W)`` float tensor of non-negative loss weights (e.g. the
+    U-Net separation weights that stress pixels between touching nuclei); the per-pixel terms of
+    every model's loss take the product as their mask, so the weighted mean stays a mean.
+    """
+    valid, weight = targets.get("valid"), targets.get("pixel_weight")
+    if weight is None:
+        return valid
+    return weight if valid is None else valid * weight

@@ -38,16 +38,19 @@ def boundary_weight(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (1.0 + 5.0 * (local - gv).abs()) * v
 
 
-def structure_terms(fg, bg, g, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def structure_terms(fg, bg, g, v, pixel_weight=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The code's binary ``structure_loss`` split into (wBCE, wIoU, wBCE on the background head).
 
     Args:
         fg, bg: (B, 1, H, W) logits; g: (B, 1, H, W) float {0, 1}; v: (B, 1, H, W) valid mask.
+        pixel_weight: optional (B, 1, H, W) extra weights multiplying the boundary weights.
 
     Returns:
         Three scalars, each normalised per image and averaged over images with supervised pixels.
     """
     w = boundary_weight(g, v)
+    if pixel_weight is not None:
+        w = w * pixel_weight
     w_sum = w.sum(dim=(2, 3)).clamp_min(1.0)
     wbce = (w * F.binary_cross_entropy_with_logits(fg, g, reduction="none")).sum((2, 3)) / w_sum
     wbce_bg = (w * F.binary_cross_entropy_with_logits(bg, 1 - g, reduction="none")).sum((2, 3)) / w_sum
@@ -94,15 +97,17 @@ class PraNetV2Loss(nn.Module):
 
     def forward(self, outputs: dict, targets: dict) -> dict[str, torch.Tensor]:
         labels, valid = targets["labels"], losses.targets_valid(targets)
+        pixel_mask = losses.targets_pixel_mask(targets)
         sets = self.output_sets(outputs)
         if self.num_classes == 1 and self.binary_loss == "structure":
-            terms = self._structure(sets, labels, valid)
+            terms = self._structure(sets, labels, valid, targets.get("pixel_weight"))
         else:
-            terms = self._generic(sets, labels, valid)
+            terms = self._generic(sets, labels, valid, pixel_mask)
         return {"loss": sum(terms.values()), **terms}
 
-    def _generic(self, sets, labels, valid) -> dict[str, torch.Tensor]:
-        """Σ_sets 0.5·CE + 0.7·Dice (squared, incl. background) + 0.3·BCE(bg, 1 − one_hot)."""
+    def _generic(self, sets, labels, valid, pixel_mask) -> dict[str, torch.Tensor]:
+        """Σ_sets 0.5·CE + 0.7·Dice (squared, incl. background) + 0.3·BCE(bg, 1 − one_hot); the
+        per-pixel CE and BCE are masked by ``pixel_mask`` (valid × pixel weights), Dice by ``valid``."""
         k = self.num_classes
         bg_target = background_target(labels, k)
         fg_target = 1.0 - bg_target
@@ -110,16 +115,18 @@ class PraNetV2Loss(nn.Module):
         ce = dice = bce = 0.0
         for fg, bg in sets:
             probs = torch.sigmoid(fg) if k == 1 else torch.softmax(fg, dim=1)
-            ce = ce + losses.masked_cross_entropy(fg, ce_labels, valid)
+            ce = ce + losses.masked_cross_entropy(fg, ce_labels, pixel_mask)
             dice = dice + losses.soft_dice_loss(probs, fg_target, valid, squared=True,
                                                 include_background=True, smooth=1e-5)
-            bce = bce + losses.masked_bce(bg, bg_target, valid)
+            bce = bce + losses.masked_bce(bg, bg_target, pixel_mask)
         return {"ce": self.ce_weight * ce, "dice": self.dice_weight * dice,
                 "background_bce": self.background_weight * bce}
 
-    def _structure(self, sets, labels, valid) -> dict[str, torch.Tensor]:
-        """Σ_sets wBCE + wIoU + 0.8·wBCE(bg, 1 − G) (binary, the authors' ``structure_loss``)."""
+    def _structure(self, sets, labels, valid, pixel_weight) -> dict[str, torch.Tensor]:
+        """Σ_sets wBCE + wIoU + 0.8·wBCE(bg, 1 − G) (binary, the authors' ``structure_loss``);
+        optional ``pixel_weight (B, H, W)`` multiplies the boundary weights."""
         g = (labels > 0).float()[:, None]
         v = torch.ones_like(g) if valid is None else valid.to(g.dtype)[:, None]
-        wbce, wiou, wbce_bg = (sum(t) for t in zip(*(structure_terms(f, b, g, v) for f, b in sets)))
+        pw = None if pixel_weight is None else pixel_weight.to(g.dtype)[:, None]
+        wbce, wiou, wbce_bg = (sum(t) for t in zip(*(structure_terms(f, b, g, v, pw) for f, b in sets)))
         return {"wbce": wbce, "wiou": wiou, "background_wbce": self.binary_background_weight * wbce_bg}

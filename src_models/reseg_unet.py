@@ -58,7 +58,7 @@ from torch import nn
 
 from .base import ModelConfig, PretrainStage, SegmentationModel
 from .blocks import DoubleConv
-from .losses import masked_cross_entropy, one_hot, soft_dice_loss, targets_valid
+from .losses import masked_cross_entropy, one_hot, soft_dice_loss, targets_pixel_mask, targets_valid
 from .registry import register
 
 _MID_CHOICES = ("bottleneck", "first_decoder")
@@ -294,20 +294,21 @@ def alignment_loss(seg: dict, rec: dict, mid: str = "bottleneck") -> torch.Tenso
 
 
 def segmentation_terms(logits: torch.Tensor, labels: torch.Tensor, valid, ce_weight: float,
-                       dice_weight: float) -> dict:
+                       dice_weight: float, ce_mask=None) -> dict:
     """Weighted ``{"ce", "dice"}`` of L_seg; both average over supervised pixels only.
 
     Args:
         logits: ``(B, K, H, W)``; K = 1 is binary (BCE, Dice over [1 − p, p]).
         labels: ``(B, H, W) int64``.
         valid: ``None`` or ``(B, H, W)`` mask.
+        ce_mask: ``None`` (use ``valid``) or a ``(B, H, W)`` weighted mask for the CE term.
     """
     if logits.shape[1] == 1:
         fg = torch.sigmoid(logits)
         probs, target = torch.cat([1 - fg, fg], dim=1), one_hot(labels, 2)
     else:
         probs, target = torch.softmax(logits, dim=1), one_hot(labels, logits.shape[1])
-    ce = masked_cross_entropy(logits, labels, valid)
+    ce = masked_cross_entropy(logits, labels, valid if ce_mask is None else ce_mask)
     dice = soft_dice_loss(probs, target.to(probs.dtype), valid, squared=True,
                           include_background=True, smooth=1e-5)
     return {"ce": ce_weight * ce, "dice": dice_weight * dice}
@@ -332,7 +333,7 @@ class ReSegLoss(nn.Module):
     def forward(self, outputs: dict, targets: dict) -> dict:
         cfg = self.config
         terms = segmentation_terms(outputs["logits"], targets["labels"], targets_valid(targets),
-                                   cfg.ce_weight, cfg.dice_weight)
+                                   cfg.ce_weight, cfg.dice_weight, targets_pixel_mask(targets))
         if self.recon_net is not None:
             terms["align"] = cfg.align_weight * alignment_loss(
                 outputs, self._recon_features(targets), cfg.mid)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .base import MapSpec, ModelConfig, SegmentationModel
 from .blocks import DoubleConv
-from .losses import masked_cross_entropy, targets_valid
+from .losses import masked_cross_entropy, targets_pixel_mask
 from .registry import register
 
 ENC_BLOCKS = {"3x3+3x3": 3, "3x3+1x1": 1}  # second kernel size of the encoder DoubleConv
@@ -345,14 +345,15 @@ class VUNetLoss(nn.Module):
 
         Args:
             outputs: training dict of ``VUNet.forward``.
-            targets: ``labels (B, H, W) int64``, optional ``valid (B, H, W)``.
+            targets: ``labels (B, H, W) int64``, optional ``valid`` and ``pixel_weight (B, H, W)``
+                (the latter weights the segmentation term only).
 
         Returns:
             ``loss`` and the weighted terms ``segmentation``, ``reconstruction``, ``kl`` (scalars).
         """
         logits = outputs["logits"]
         weight = None if self.class_weight is None else self.class_weight.to(logits.device)
-        seg = masked_cross_entropy(logits, targets["labels"], targets_valid(targets), weight)
+        seg = masked_cross_entropy(logits, targets["labels"], targets_pixel_mask(targets), weight)
         recon = self.reconstruction(outputs["recon_pairs"])
         kl = self.kl_divergence(outputs["mu"], outputs["logvar"]).to(logits.device)
         terms = {

@@ -38,6 +38,8 @@ class TrainItem:
         valid: ``(H, W) uint8`` support mask (1 = supervised) or None for fully labelled images.
         weight: relative sampling weight.
         labels: optional ``(H, W)`` int32 instance IDs (kept for evaluation and fine-tuning).
+        pixel_weight: optional ``(H, W) float16`` per-pixel loss weights (e.g.
+            :func:`.targets.separation_weights`); batches then carry ``"pixel_weight"``.
     """
 
     image: torch.Tensor
@@ -45,10 +47,12 @@ class TrainItem:
     valid: torch.Tensor | None = None
     weight: float = 1.0
     labels: np.ndarray | None = None
+    pixel_weight: torch.Tensor | None = None
 
 
 def _region(item: TrainItem, size: int, rng: np.random.Generator):
-    """A ``size``×``size`` region of an item (zero-padded, padding unsupported)."""
+    """A ``size``×``size`` region of an item: image, classes, valid, pixel weight (zero-padded;
+    padding unsupported; the weight is all ones when the item has none)."""
     _, h, w = item.image.shape
     y = int(rng.integers(0, max(h - size, 0) + 1))
     x = int(rng.integers(0, max(w - size, 0) + 1))
@@ -56,24 +60,25 @@ def _region(item: TrainItem, size: int, rng: np.random.Generator):
     classes = item.classes[y:y + size, x:x + size].long()
     valid = (item.valid[y:y + size, x:x + size].float() if item.valid is not None
              else torch.ones(classes.shape))
+    weight = (item.pixel_weight[y:y + size, x:x + size].float() if item.pixel_weight is not None
+              else torch.ones(classes.shape))
     ph, pw = size - image.shape[1], size - image.shape[2]
     if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph))
-        classes = F.pad(classes, (0, pw, 0, ph))
-        valid = F.pad(valid, (0, pw, 0, ph))
-    return image, classes, valid
+        image, classes, valid, weight = (F.pad(t, (0, pw, 0, ph)) for t in (image, classes, valid, weight))
+    return image, classes, valid, weight
 
 
-def _geometry(image, classes, valid, rng, settings: AugmentSettings):
+def _geometry(tensors: tuple[torch.Tensor, ...], rng, settings: AugmentSettings) -> tuple[torch.Tensor, ...]:
+    """The same random flips and 90° rotation applied to every tensor (over its last two axes)."""
     if settings.flips and rng.random() < 0.5:
-        image, classes, valid = image.flip(-1), classes.flip(-1), valid.flip(-1)
+        tensors = tuple(t.flip(-1) for t in tensors)
     if settings.flips and rng.random() < 0.5:
-        image, classes, valid = image.flip(-2), classes.flip(-2), valid.flip(-2)
+        tensors = tuple(t.flip(-2) for t in tensors)
     if settings.rot90:
         k = int(rng.integers(0, 4))
         if k:
-            image, classes, valid = (t.rot90(k, (-2, -1)) for t in (image, classes, valid))
-    return image, classes, valid
+            tensors = tuple(t.rot90(k, (-2, -1)) for t in tensors)
+    return tensors
 
 
 def _intensity(image: torch.Tensor, rng, settings: AugmentSettings) -> torch.Tensor:
@@ -96,22 +101,29 @@ def sample_batch(items: list[TrainItem], batch: int, crop: int, rng: np.random.G
 
     Returns:
         ``{"image": (B, C, crop, crop) float32, "labels": (B, crop, crop) int64,
-        "valid": (B, crop, crop) float32}``.
+        "valid": (B, crop, crop) float32}``, plus ``"pixel_weight": (B, crop, crop) float32`` when
+        any item has pixel weights (ones for the items without).
     """
     weights = np.array([it.weight for it in items], dtype=np.float64)
     picks = rng.choice(len(items), size=batch, p=weights / weights.sum())
-    images, targets, masks = [], [], []
+    with_weights = any(it.pixel_weight is not None for it in items)
+    images, targets, masks, pixel_weights = [], [], [], []
     for index in picks:
         scale = float(np.exp(rng.uniform(*np.log(settings.scale_range))))
         size = max(8, int(round(crop / scale)))
-        image, classes, valid = _region(items[index], size, rng)
+        image, classes, valid, weight = _region(items[index], size, rng)
         if size != crop:
             image = F.interpolate(image[None], size=(crop, crop), mode="bilinear", align_corners=False)[0]
             classes = F.interpolate(classes[None, None].float(), size=(crop, crop), mode="nearest")[0, 0].long()
-            valid = F.interpolate(valid[None, None], size=(crop, crop), mode="nearest")[0, 0]
-        image, classes, valid = _geometry(image, classes, valid, rng, settings)
+            valid, weight = F.interpolate(torch.stack([valid, weight])[None], size=(crop, crop),
+                                          mode="nearest")[0]
+        image, classes, valid, weight = _geometry((image, classes, valid, weight), rng, settings)
         images.append(_intensity(image, rng, settings))
         targets.append(classes)
         masks.append(valid)
-    return {"image": torch.stack(images).contiguous(), "labels": torch.stack(targets).contiguous(),
-            "valid": torch.stack(masks).contiguous()}
+        pixel_weights.append(weight)
+    batch_dict = {"image": torch.stack(images).contiguous(), "labels": torch.stack(targets).contiguous(),
+                  "valid": torch.stack(masks).contiguous()}
+    if with_weights:
+        batch_dict["pixel_weight"] = torch.stack(pixel_weights).contiguous()
+    return batch_dict

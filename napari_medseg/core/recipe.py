@@ -30,6 +30,8 @@ class Recipe:
     min_lr_ratio: float = 0.02        # cosine floor as a fraction of lr
     grad_clip: float = 5.0
     boundary_width: int = 1           # px of the boundary class inside each nucleus edge
+    separation_weight: float = 0.0    # U-Net w0: extra loss weight between touching instances (0: off)
+    separation_sigma: float = 5.0     # U-Net σ in px of that weight (targets.separation_weights)
     val_split: float = 0.15
     seed: int = 0
     checkpoint_every: int = 100

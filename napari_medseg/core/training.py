@@ -27,7 +27,7 @@ from .normalize import normalize_image
 from .progress import JobGenerator, Progress
 from .pseudo_labels import read_manifest
 from .recipe import Recipe
-from .targets import CLASS_NAMES, instances_to_classes, semantic_to_classes
+from .targets import CLASS_NAMES, instances_to_classes, semantic_to_classes, separation_weights
 
 DATA_LICENCES = {
     "dsb2018": "CC0 1.0 (Kaggle DSB2018 / BBBC038, Caicedo et al. 2019)",
@@ -44,7 +44,8 @@ def data_licence(*names: str | None) -> str:
 
 
 def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
-    """Normalised images and class targets in memory, with sampling weights."""
+    """Normalised images and class targets in memory, with sampling weights (and separation pixel
+    weights for instance labels when ``recipe.separation_weight`` > 0)."""
     items = []
     for s in samples:
         image = torch.from_numpy(normalize_image(s.image, recipe.in_channels)).half()
@@ -52,7 +53,11 @@ def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
                    else semantic_to_classes(s.labels))
         area_factor = min(4.0, math.sqrt(s.labels.size / 256**2))
         weight = recipe.modality_weights.get(s.modality, 1.0) * area_factor
-        items.append(TrainItem(image, torch.from_numpy(classes), None, weight, s.labels))
+        pixel_weight = None
+        if s.kind == "instances" and recipe.separation_weight > 0:
+            pixel_weight = torch.from_numpy(separation_weights(
+                s.labels, recipe.separation_weight, recipe.separation_sigma)).half()
+        items.append(TrainItem(image, torch.from_numpy(classes), None, weight, s.labels, pixel_weight))
     return items
 
 
