@@ -41,7 +41,8 @@ def test_tune_write_and_use_by_default(tmp_path, monkeypatch):
     real_score = decode_tuning._score
     monkeypatch.setattr(decode_tuning, "_score", lambda p, t, s: scored.append(s) or real_score(p, t, s))
     result = decode_tuning.tune_decode(model, card, _samples(), passes=1)
-    assert set(result["settings"]) == {"seed_threshold", "foreground_threshold", "min_area"}
+    assert set(result["settings"]) == {"seed_threshold", "foreground_threshold", "min_area",
+                                       "seed_split_dip", "seed_smoothing"}
     # every grid value of every knob was tried once, starting from the defaults
     assert len(scored) == 1 + sum(len(v) - 1 for v in decode_tuning.GRID.values())
     objective = decode_tuning._objective

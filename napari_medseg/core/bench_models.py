@@ -126,8 +126,14 @@ def starter_table(speed_rows: list[dict] | None = None) -> str:
             f"{train.get('val_images', '?')} | {train.get('steps_done', '?')}{stage1} | "
             f"{train.get('time_s', 0) / 60:.0f} min ({train.get('hardware', '?')}) | {cpu} | "
             f"{decode.get('seed_threshold', 0.5)} / {decode.get('foreground_threshold', 0.5)} / "
-            f"{decode.get('min_area', 8)} |")
+            f"{decode.get('min_area', 8)}{_dip_text(decode)} |")
     return "\n".join(lines)
+
+
+def _dip_text(decode: dict) -> str:
+    """``", dip 0.05 (σ 3 px)"`` when the card's decoding splits seeds at dips, else ``""``."""
+    dip = decode.get("seed_split_dip") or 0
+    return f", dip {dip:g} (σ {decode.get('seed_smoothing', 2.0):g} px)" if dip else ""
 
 
 def _earlier_runs(init: dict | None) -> str:

@@ -77,6 +77,16 @@ def _cut_units(support: np.ndarray, core: tuple, cut_sides: tuple[bool, bool, bo
     return int(np.count_nonzero(np.isin(in_core[in_core > 0], at_edge)))
 
 
+def _support(mask: np.ndarray, labels: np.ndarray, settings: DecodeSettings) -> np.ndarray:
+    """``(H, W) bool`` pixels whose 8-connected components must lie whole inside a crop for
+    its decode to equal the whole image's: the foreground and objects, widened by the context
+    the decode reads around a unit (:attr:`.DecodeSettings.context_radius`; units closer than
+    that count as one)."""
+    support = mask | (labels > 0)
+    radius = settings.context_radius
+    return ndi.maximum_filter(support, size=2 * radius + 1) if radius else support
+
+
 def decode_block(probs_array, labels_array, index: int, block: tuple[int, int], halo: int,
                  settings: DecodeSettings | None = None,
                  max_halo: int | None = None) -> BlockResult:
@@ -112,7 +122,8 @@ def decode_block(probs_array, labels_array, index: int, block: tuple[int, int], 
         ex0, ex1 = max(0, x0 - current), min(width, x1 + current)
         labels, anchors, mask = _decode_parts(probs_array[:, ey0:ey1, ex0:ex1], settings)
         core = (slice(y0 - ey0, y1 - ey0), slice(x0 - ex0, x1 - ex0))
-        cut = _cut_units(mask | (labels > 0), core, (ey0 > 0, ey1 < height, ex0 > 0, ex1 < width))
+        cut = _cut_units(_support(mask, labels, settings), core,
+                         (ey0 > 0, ey1 < height, ex0 > 0, ex1 < width))
         if cut == 0 or current >= max_halo:
             break
         current = min(2 * max(current, 1), max_halo)

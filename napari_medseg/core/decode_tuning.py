@@ -1,8 +1,9 @@
 """Choosing a model's instance-decoding thresholds on its validation images.
 
-The seeded watershed (:mod:`.instances`) has three knobs whose best values depend on how confident
-a network is: the interior probability that seeds an object, the foreground probability that bounds
-it, and the smallest object kept. :func:`tune_decode` predicts the validation images once through the
+The seeded watershed (:mod:`.instances`) has knobs whose best values depend on how confident a
+network is: the interior probability that seeds an object, the foreground probability that bounds
+it, the smallest object kept, and how deep a dip in the (smoothed) interior probability must be
+to split one seed between touching nuclei (0: never). :func:`tune_decode` predicts the validation images once through the
 real engine, then searches these knobs coordinate by coordinate (two passes over a small grid),
 maximising mean F1 at IoU 0.5 plus mean AJI. The winner is stored in the weights card (``"decode"``)
 and used by default wherever those weights run (:func:`decode_settings_for`).
@@ -25,6 +26,8 @@ GRID = {
     "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97),  # flip-averaged maps seed best at 0.95
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
     "min_area": (4, 8, 16, 32, 48, 64),   # the DSB2018 starters chose the old top (32) and 0.8 / 0.6
+    "seed_split_dip": (0.0, 0.03, 0.05, 0.1, 0.15, 0.2),  # MoNuSeg: 0.05 split merged nuclei
+    "seed_smoothing": (1.0, 2.0, 3.0),  # sigma (px); only read when the dip split is on
 }
 
 

@@ -6,14 +6,18 @@ seed_threshold``, components smaller than ``min_seed_area`` dropped); the mask i
 ``p_interior + p_boundary > foreground_threshold`` (i.e. ``1 - p_background``); the markers flood
 ``-p_interior`` inside the mask. Foreground that no marker reaches becomes objects of its own
 (small nuclei whose boundary band leaves no interior), holes are filled and objects smaller than
-``min_area`` dropped. Two classes {background, foreground}: connected components, optionally split
+``min_area`` dropped. Optionally (``seed_split_dip`` > 0) a seed is first cut where its interior
+probability, smoothed over the foreground, dips between two peaks by that much: touching nuclei
+whose confident interiors meet at a neck still get one marker each (see :func:`_split_seeds`). Two classes {background, foreground}: connected components, optionally split
 by a distance-transform watershed. EM membranes (ISBI 2012): components of the non-membrane area.
 
 Locality, which block-wise decoding relies on: inside one 8-connected component of the foreground
 (a "unit": a nucleus, or a cluster of touching nuclei) the result depends only on the
 probabilities of that unit. Every step works per unit, and the watershed's ties are broken in a
 crop-invariant way (see :func:`_flood`), so decoding any crop that holds a whole unit reproduces
-the whole-image result for that unit exactly. That is what lets
+the whole-image result for that unit exactly. The dip split's smoothing also reads the
+foreground within ``DecodeSettings.context_radius`` pixels of a unit, so block-wise decoding then
+treats units closer than that as one. That is what lets
 :func:`.blockwise.instances_blockwise` decode huge arrays block by block with IDs that neighbouring
 blocks agree on (see :func:`.blockwise.decode_block`).
 """
@@ -23,12 +27,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.morphology import h_maxima
-from skimage.segmentation import watershed
+from skimage.morphology import h_maxima, local_maxima, reconstruction
+from skimage.segmentation import relabel_sequential, watershed
 
 _EIGHT = np.ones((3, 3), bool)
 _FOUR = ndi.generate_binary_structure(2, 1)
 METHODS = ("auto", "membranes")
+_TRUNCATE = 4.0  # Gaussian window of the dip split: this many sigmas each side
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class DecodeSettings:
     fill_holes: bool = True  # fill background fully enclosed by a single object
     split_touching: bool = False  # K=2 only: split touching blobs by a distance watershed
     split_depth: float = 2.0  # K=2 split: a distance peak must rise this many pixels to seed
+    seed_split_dip: float = 0.0  # K=3: split a seed where its smoothed interior probability dips
+    #                              this much between two peaks (0 = off; see _split_seeds)
+    seed_smoothing: float = 2.0  # K=3 dip split: Gaussian sigma (pixels) of that smoothing
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -58,6 +66,17 @@ class DecodeSettings:
         if self.min_area < 0 or self.min_seed_area < 0 or self.split_depth <= 0:
             raise ValueError("DecodeSettings: min_area and min_seed_area must be >= 0 and "
                              "split_depth > 0.")
+        if not 0 <= self.seed_split_dip < 1 or self.seed_smoothing < 0:
+            raise ValueError("DecodeSettings: seed_split_dip must be in [0, 1) (0 = off) and "
+                             f"seed_smoothing >= 0, got {self.seed_split_dip}, {self.seed_smoothing}.")
+
+    @property
+    def context_radius(self) -> int:
+        """Pixels beyond a unit that its decode reads (the dip split's smoothing window), so
+        block-wise decoding can treat units closer than this as one (see :func:`_support`)."""
+        if self.seed_split_dip <= 0 or self.seed_smoothing <= 0:
+            return 0
+        return int(_TRUNCATE * self.seed_smoothing + 0.5)
 
 
 def as_probabilities(probs) -> np.ndarray:
@@ -95,7 +114,12 @@ def _three_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarr
     """Seeded watershed on ``(3, H, W)`` float probabilities → (labels, anchors, mask)."""
     mask = (p[1] + p[2]) > s.foreground_threshold
     # Seeds stay inside the mask, so each one lies in (and floods) exactly one unit.
-    markers, n = ndi.label((p[1] > s.seed_threshold) & mask, _EIGHT)
+    seeds = (p[1] > s.seed_threshold) & mask
+    if s.seed_split_dip > 0:
+        markers, n = _split_seeds(seeds, _masked_smooth(p[1], mask, s.seed_smoothing),
+                                  s.seed_split_dip)
+    else:
+        markers, n = ndi.label(seeds, _EIGHT)
     if s.min_seed_area > 1 and n:
         small = np.bincount(markers.ravel(), minlength=n + 1) < s.min_seed_area
         small[0] = False
@@ -103,6 +127,41 @@ def _three_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarr
     labels = _flood(-p[1], markers, mask)
     _add_unreached(labels, markers, mask)  # markers now anchor every object
     return labels, markers, mask
+
+
+def _masked_smooth(values: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian average of ``values`` over ``mask`` pixels only (normalised convolution), 0
+    outside the mask: ``(H, W) float32``. Background never pulls an object's values down, and
+    the result at a pixel reads only the mask within ``context_radius`` of it."""
+    if sigma <= 0:
+        return np.where(mask, values, 0).astype(np.float32)
+    weight = mask.astype(np.float32)
+    total = ndi.gaussian_filter(values * weight, sigma, mode="constant", truncate=_TRUNCATE)
+    norm = ndi.gaussian_filter(weight, sigma, mode="constant", truncate=_TRUNCATE)
+    return np.where(mask, total / np.maximum(norm, 1e-6), 0).astype(np.float32)
+
+
+def _split_seeds(seeds: np.ndarray, smooth: np.ndarray, dip: float) -> tuple[np.ndarray, int]:
+    """Seed components cut where the smoothed interior probability dips by at least ``dip``.
+
+    Peaks are the regional maxima of the h-maxima transform of ``smooth`` (its reconstruction
+    by dilation from ``smooth - dip``): two summits become separate peaks only when the lower one
+    rises at least ``dip`` above the pass between them. Every other pixel is set to -1 first,
+    so each seed's peaks depend on that seed alone. A seed with several peaks is divided among
+    them by a watershed of ``-smooth`` within the seed. Returns ``(markers (H, W) int32, count)``.
+    """
+    height = np.where(seeds, smooth, -1.0).astype(np.float64)
+    domes = reconstruction(height - dip, height, method="dilation")
+    peaks = local_maxima(domes, connectivity=2, allow_borders=True).astype(bool) & seeds
+    markers, n = ndi.label(peaks, _EIGHT)
+    components, n_seeds = ndi.label(seeds, _EIGHT)
+    has_peak = np.zeros(n_seeds + 1, bool)
+    has_peak[components[peaks]] = True
+    orphans = seeds & ~has_peak[components]
+    markers[orphans] = components[orphans] + n  # unique: component ids shifted past the peaks
+    markers = _flood(-height, markers, seeds)
+    markers, _, _ = relabel_sequential(markers)
+    return markers.astype(np.int32, copy=False), int(markers.max(initial=0))
 
 
 def _two_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
