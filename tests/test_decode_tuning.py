@@ -43,8 +43,12 @@ def test_tune_write_and_use_by_default(tmp_path, monkeypatch):
     result = decode_tuning.tune_decode(model, card, _samples(), passes=1)
     assert set(result["settings"]) == {"seed_threshold", "foreground_threshold", "min_area",
                                        "seed_split_dip", "seed_smoothing"}
-    # every grid value of every knob was tried once, starting from the defaults
-    assert len(scored) == 1 + sum(len(v) - 1 for v in decode_tuning.GRID.values())
+    # the thresholds are searched first (every value tried once, the dip split off) ...
+    first = 1 + sum(len(decode_tuning.GRID[k]) - 1 for k in decode_tuning.THRESHOLD_KNOBS)
+    assert all(s.seed_split_dip == 0 for s in scored[:first])
+    # ... then every knob from there: every value of every knob was tried
+    for knob, values in decode_tuning.GRID.items():
+        assert {getattr(s, knob) for s in scored[first:]} >= set(values), knob
     objective = decode_tuning._objective
     assert objective(result["after"]) >= objective(result["before"])
 
