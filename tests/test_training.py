@@ -45,7 +45,8 @@ def test_train_writes_weights_with_a_complete_card(data, tmp_path):
     assert training["val_images"] == 1 and len(training["val_ids"]) == 1
     assert training["train_images"] == 3 and training["init"] is None and card["parent"] is None
     assert 0 < training["time_s"] < 600
-    assert set(card["decode"]) == {"seed_threshold", "foreground_threshold", "min_area"}
+    assert set(card["decode"]) == {"seed_threshold", "foreground_threshold", "min_area",
+                                   "seed_split_dip", "seed_smoothing"}
     assert set(card["metrics"]["validation"]["mean"]) >= {"f1", "aji", "dice", "pq", "ap"}
     assert card["metrics"]["decode_tuning"]["on"] == "validation split"
     assert not list(tmp_path.glob("w.ckpt*")) and not list(tmp_path.glob("w*.partial*"))
