@@ -146,20 +146,35 @@ def _split_seeds(seeds: np.ndarray, smooth: np.ndarray, dip: float) -> tuple[np.
 
     Peaks are the regional maxima of the h-maxima transform of ``smooth`` (its reconstruction
     by dilation from ``smooth - dip``): two summits become separate peaks only when the lower one
-    rises at least ``dip`` above the pass between them. Every other pixel is set to -1 first,
-    so each seed's peaks depend on that seed alone. A seed with several peaks is divided among
-    them by a watershed of ``-smooth`` within the seed. Returns ``(markers (H, W) int32, count)``.
+    rises at least ``dip`` above the pass between them. It is computed per seed, on the seed's
+    bounding box with every other pixel at -1, so each seed's peaks depend on that seed alone, and
+    only for seeds with several summits (a seed with one summit is one marker, as without the
+    split). A seed with several peaks is divided among them by a watershed of ``-smooth``
+    within the seed.
+    Returns ``(markers (H, W) int32, count)``.
     """
     height = np.where(seeds, smooth, -1.0).astype(np.float64)
-    domes = reconstruction(height - dip, height, method="dilation")
-    peaks = local_maxima(domes, connectivity=2, allow_borders=True).astype(bool) & seeds
-    markers, n = ndi.label(peaks, _EIGHT)
     components, n_seeds = ndi.label(seeds, _EIGHT)
-    has_peak = np.zeros(n_seeds + 1, bool)
-    has_peak[components[peaks]] = True
-    orphans = seeds & ~has_peak[components]
-    markers[orphans] = components[orphans] + n  # unique: component ids shifted past the peaks
-    markers = _flood(-height, markers, seeds)
+    summits = local_maxima(height, connectivity=2, allow_borders=True).astype(bool) & seeds
+    summit_ids, _ = ndi.label(summits, _EIGHT)
+    first_summit = np.zeros(n_seeds + 1, np.int64)
+    owner, ids = components[summits], summit_ids[summits]
+    first_summit[owner] = ids  # any one summit per seed; a seed with another one has several
+    several = np.zeros(n_seeds + 1, bool)
+    several[owner[ids != first_summit[owner]]] = True
+    markers = np.where(several[components], 0, components)  # one summit: the seed is the marker
+    peaks = np.zeros_like(seeds)
+    for index, box in enumerate(ndi.find_objects(components), 1):
+        if several[index]:
+            own = components[box] == index
+            crop = np.pad(np.where(own, height[box], -1.0), 1, constant_values=-1.0)
+            domes = reconstruction(crop - dip, crop, method="dilation")
+            top = local_maxima(domes, connectivity=2, allow_borders=True)[1:-1, 1:-1]
+            peaks[box] |= top.astype(bool) & own
+    peak_ids, _ = ndi.label(peaks, _EIGHT)
+    markers[peaks] = peak_ids[peaks] + n_seeds  # unique: past every seed's id
+    split = several[components]
+    markers = np.where(split, _flood(-height, markers, split), markers)
     markers, _, _ = relabel_sequential(markers)
     return markers.astype(np.int32, copy=False), int(markers.max(initial=0))
 
