@@ -8,8 +8,9 @@ seed_threshold``, components smaller than ``min_seed_area`` dropped); the mask i
 (small nuclei whose boundary band leaves no interior), holes are filled and objects smaller than
 ``min_area`` dropped. Optionally (``seed_split_dip`` > 0) a seed is first cut where its interior
 probability, smoothed over the foreground, dips between two peaks by that much: touching nuclei
-whose confident interiors meet at a neck still get one marker each (see :func:`_split_seeds`). Two classes {background, foreground}: connected components, optionally split
-by a distance-transform watershed. EM membranes (ISBI 2012): components of the non-membrane area.
+whose confident interiors meet at a neck still get one marker each (see :func:`_split_seeds`).
+Two classes {background, foreground}: connected components, optionally split by a
+distance-transform watershed. EM membranes (ISBI 2012): components of the non-membrane area.
 
 Locality, which block-wise decoding relies on: inside one 8-connected component of the foreground
 (a "unit": a nucleus, or a cluster of touching nuclei) the result depends only on the
@@ -150,8 +151,7 @@ def _split_seeds(seeds: np.ndarray, smooth: np.ndarray, dip: float) -> tuple[np.
     bounding box with every other pixel at -1, so each seed's peaks depend on that seed alone, and
     only for seeds with several summits (a seed with one summit is one marker, as without the
     split). A seed with several peaks is divided among them by a watershed of ``-smooth``
-    within the seed.
-    Returns ``(markers (H, W) int32, count)``.
+    within the seed. Returns ``(markers (H, W) int32, count)``.
     """
     height = np.where(seeds, smooth, -1.0).astype(np.float64)
     components, n_seeds = ndi.label(seeds, _EIGHT)
