@@ -78,3 +78,34 @@ def test_cli_tune_decode_needs_the_validation_split(tmp_path, capsys):
 
     assert main(["evaluate", "--model", "vunet", "--data", str(tmp_path), "--tune-decode"]) == 2
     assert "--tune-decode needs --weights FILE --data DIR --split val" in capsys.readouterr().err
+
+
+def test_cli_evaluate_tune_decode_predicts_each_image_once(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from src_models import create_model, save_weights
+
+    from napari_medseg.cli import main
+    from napari_medseg.core import validation
+    from napari_medseg.core.resources import resource_path
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name in ("fluorescence_small", "histology_he"):
+        shutil.copy(resource_path("samples", f"{name}.png"), root / "images" / f"{name}.png")
+        shutil.copy(resource_path("samples", f"{name}_labels.tif"), root / "labels" / f"{name}.tif")
+    save_weights(create_model("pranet_v2", "lite"), tmp_path / "w",
+                 {"version": "t", "tile_size": 128, "classes": ["background", "interior", "boundary"],
+                  "training": {"val_ids": ["fluorescence_small", "histology_he"]}})
+    calls = []
+    real = validation.predict_maps
+    monkeypatch.setattr(validation, "predict_maps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = ["evaluate", "--weights", str(tmp_path / "w"), "--data", str(root), "--split", "val", "--json"]
+    assert main(args + ["--tune-decode"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert len(calls) == 2                 # tuned and scored on the same two predictions
+    assert main(args) == 0                 # the card now holds the tuned decoding
+    again = json.loads(capsys.readouterr().out)
+    assert len(calls) == 4 and again["mean"] == tuned["mean"]
