@@ -308,7 +308,8 @@ def run_evaluate(args) -> None:
     samples = _evaluation_samples(args, card)
     tuning = _tune_decode(args, model, card, samples) if args.tune_decode else None
     result = evaluate_samples(model, samples, card=dict(card, decode=tuning["settings"]) if tuning else card,
-                              tta=tuning["tta"] if tuning else args.tta, maps=tuning and tuning["maps"])
+                              tta=tuning["tta"] if tuning else args.tta,
+                              probabilities=tuning and tuning["probabilities"])
     if tuning:
         from .core.decode_tuning import write_decode_to_card
 

@@ -39,7 +39,6 @@ KIND_STYLE = {
     "uncertainty": ("uncertainty", "inferno", "additive", 0.6),
     "background": ("DSRA", "cyan", "additive", 0.8),
     "attention": ("attention", "turbo", "translucent", 0.6),
-    "distance": ("distance", "magma", "additive", 0.6),
 }
 CLASS_COLORMAPS = ("green", "magenta", "yellow", "cyan", "red", "blue")
 

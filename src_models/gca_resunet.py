@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MapSpec, ModelConfig, SegmentationModel
+from .base import ModelConfig, SegmentationModel
 from .losses import masked_cross_entropy, one_hot, soft_dice_loss, targets_pixel_mask
 from .registry import register
 from .resnet_gca import POOLINGS, ResNetGCAEncoder
@@ -76,10 +76,6 @@ class GCAResUNetConfig(ModelConfig):
     # "kaiming" (He fan_in): in a 30-step check it trained far faster than bubbliiiing's
     # "normal002" N(0, 0.02), which starves the norm-free decoder of signal (module docstring).
     init: str = "kaiming"
-    # Not in the paper: a second 1×1 head regressing each nucleus's normalised distance to its
-    # edge (Naylor et al. 2018), learnt when a recipe sets ``distance_weight``; it peaks at every
-    # nucleus centre, so it dips between touching nuclei (instance decoding's dip split).
-    distance_head: bool = False
 
     def __post_init__(self):
         if self.gca_blocks not in ("all", "none"):
@@ -219,37 +215,17 @@ class GCAResUNet(SegmentationModel):
         # "Additional convolutional layer at the final decoding stage" for ResNet-50: H/2 → H.
         self.up_conv = _conv_relu_pair(dec[0], dec[0])
         self.final = nn.Conv2d(dec[0], config.num_classes, 1)
-        self.distance = nn.Conv2d(dec[0], 1, 1) if config.distance_head else None
         init_weights(self, config.init)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (B, C_in, H, W) float32 → {"logits": (B, K, H, W)} in both training and eval mode,
-        plus ``"distance"`` (B, 1, H, W) logits of the normalised edge distance with a distance head."""
+        """x (B, C_in, H, W) float32 → {"logits": (B, K, H, W)} in both training and eval mode."""
         self.check_input(x)
         feats = self.encoder(x)
         out = feats[4]
         for i, stage in enumerate(self.decoder):
             out = stage(feats[3 - i], out)
         out = self.up_conv(_upsample_to(out, x.shape[-2:]))
-        outputs = {"logits": self.final(out)}
-        if self.distance is not None:
-            outputs["distance"] = self.distance(out)
-        return outputs
-
-    def map_specs(self, mc_samples: int = 0) -> list[MapSpec]:
-        """Probabilities, plus the learnt edge distance with a distance head."""
-        specs = super().map_specs(mc_samples)
-        if self.config.distance_head:
-            specs.append(MapSpec("distance", 1, "distance", (0.0, 1.0),
-                                 "learnt distance to the nucleus edge, 1 at each centre"))
-        return specs
-
-    def _predict_padded(self, x: torch.Tensor, mc_samples: int) -> dict[str, torch.Tensor]:
-        outputs = self(x)
-        maps = {"probs": self.class_probabilities(outputs["logits"])}
-        if "distance" in outputs:
-            maps["distance"] = torch.sigmoid(outputs["distance"])
-        return maps
+        return {"logits": self.final(out)}
 
     def make_loss(self, **kwargs) -> nn.Module:
         """CE + Dice (unweighted by default); kwargs go to ``GCAResUNetLoss``."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def _mask_or_ones(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -120,26 +119,3 @@ def targets_pixel_mask(targets: dict) -> torch.Tensor | None:
     if weight is None:
         return valid
     return weight if valid is None else valid * weight
-
-
-class WithDistanceTerm(nn.Module):
-    """A model's loss plus ``weight`` × the mean squared error of its learnt edge distance.
-
-    ``outputs["distance"]`` are ``(B, 1, H, W)`` logits (sigmoid → [0, 1]); ``targets["distance"]``
-    is ``(B, H, W) float32``, each instance's distance to its edge divided by its largest one
-    (:func:`napari_medseg.core.targets.normalised_distance`), 0 on background. The error is
-    averaged over ``targets["valid"]`` pixels. The returned dict holds the wrapped loss's terms,
-    ``"distance"`` (weighted) and the new total under ``"loss"``.
-    """
-
-    def __init__(self, loss: nn.Module, weight: float):
-        super().__init__()
-        self.loss, self.weight = loss, weight
-
-    def forward(self, outputs: dict, targets: dict) -> dict[str, torch.Tensor]:
-        terms = self.loss(outputs, targets)
-        predicted = torch.sigmoid(outputs["distance"][:, 0].float())
-        mask = _mask_or_ones(targets.get("valid"), predicted)
-        error = (predicted - targets["distance"].float()) ** 2
-        distance = self.weight * (error * mask).sum() / mask.sum().clamp_min(1.0)
-        return terms | {"loss": terms["loss"] + distance, "distance": distance}

@@ -100,8 +100,8 @@ def test_cli_evaluate_tune_decode_predicts_each_image_once(tmp_path, monkeypatch
                  {"version": "t", "tile_size": 128, "classes": ["background", "interior", "boundary"],
                   "training": {"val_ids": ["fluorescence_small", "histology_he"]}})
     calls = []
-    real = validation.predict_maps
-    monkeypatch.setattr(validation, "predict_maps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = validation.predict_probabilities
+    monkeypatch.setattr(validation, "predict_probabilities", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = ["evaluate", "--weights", str(tmp_path / "w"), "--data", str(root), "--split", "val", "--json"]
     assert main(args + ["--tune-decode"]) == 0
     tuned = json.loads(capsys.readouterr().out)

@@ -40,8 +40,6 @@ class TrainItem:
         labels: optional ``(H, W)`` int32 instance IDs (kept for evaluation and fine-tuning).
         pixel_weight: optional ``(H, W) float16`` per-pixel loss weights (e.g.
             :func:`.targets.separation_weights`); batches then carry ``"pixel_weight"``.
-        distance: optional ``(H, W) float16`` normalised edge distance
-            (:func:`.targets.normalised_distance`); batches then carry ``"distance"``.
     """
 
     image: torch.Tensor
@@ -50,13 +48,11 @@ class TrainItem:
     weight: float = 1.0
     labels: np.ndarray | None = None
     pixel_weight: torch.Tensor | None = None
-    distance: torch.Tensor | None = None
 
 
 def _region(item: TrainItem, size: int, rng: np.random.Generator):
-    """A ``size``×``size`` region of an item: image, classes, valid, pixel weight, distance
-    (zero-padded; padding unsupported; the weight is all ones and the distance all zeros when the
-    item has none)."""
+    """A ``size``×``size`` region of an item: image, classes, valid, pixel weight (zero-padded;
+    padding unsupported; the weight is all ones when the item has none)."""
     _, h, w = item.image.shape
     y = int(rng.integers(0, max(h - size, 0) + 1))
     x = int(rng.integers(0, max(w - size, 0) + 1))
@@ -66,13 +62,10 @@ def _region(item: TrainItem, size: int, rng: np.random.Generator):
              else torch.ones(classes.shape))
     weight = (item.pixel_weight[y:y + size, x:x + size].float() if item.pixel_weight is not None
               else torch.ones(classes.shape))
-    distance = (item.distance[y:y + size, x:x + size].float() if item.distance is not None
-                else torch.zeros(classes.shape))
     ph, pw = size - image.shape[1], size - image.shape[2]
     if ph or pw:
-        image, classes, valid, weight, distance = (
-            F.pad(t, (0, pw, 0, ph)) for t in (image, classes, valid, weight, distance))
-    return image, classes, valid, weight, distance
+        image, classes, valid, weight = (F.pad(t, (0, pw, 0, ph)) for t in (image, classes, valid, weight))
+    return image, classes, valid, weight
 
 
 def _geometry(tensors: tuple[torch.Tensor, ...], rng, settings: AugmentSettings) -> tuple[torch.Tensor, ...]:
@@ -109,34 +102,28 @@ def sample_batch(items: list[TrainItem], batch: int, crop: int, rng: np.random.G
     Returns:
         ``{"image": (B, C, crop, crop) float32, "labels": (B, crop, crop) int64,
         "valid": (B, crop, crop) float32}``, plus ``"pixel_weight": (B, crop, crop) float32`` when
-        any item has pixel weights (ones for the items without), and ``"distance": (B, crop, crop)
-        float32`` when any item has a distance target (zeros for the items without).
+        any item has pixel weights (ones for the items without).
     """
     weights = np.array([it.weight for it in items], dtype=np.float64)
     picks = rng.choice(len(items), size=batch, p=weights / weights.sum())
     with_weights = any(it.pixel_weight is not None for it in items)
-    with_distance = any(it.distance is not None for it in items)
-    images, targets, masks, pixel_weights, distances = [], [], [], [], []
+    images, targets, masks, pixel_weights = [], [], [], []
     for index in picks:
         scale = float(np.exp(rng.uniform(*np.log(settings.scale_range))))
         size = max(8, int(round(crop / scale)))
-        image, classes, valid, weight, distance = _region(items[index], size, rng)
+        image, classes, valid, weight = _region(items[index], size, rng)
         if size != crop:
             image = F.interpolate(image[None], size=(crop, crop), mode="bilinear", align_corners=False)[0]
             classes = F.interpolate(classes[None, None].float(), size=(crop, crop), mode="nearest")[0, 0].long()
-            valid, weight, distance = F.interpolate(torch.stack([valid, weight, distance])[None],
-                                                    size=(crop, crop), mode="nearest")[0]
-        image, classes, valid, weight, distance = _geometry((image, classes, valid, weight, distance),
-                                                            rng, settings)
+            valid, weight = F.interpolate(torch.stack([valid, weight])[None], size=(crop, crop),
+                                          mode="nearest")[0]
+        image, classes, valid, weight = _geometry((image, classes, valid, weight), rng, settings)
         images.append(_intensity(image, rng, settings))
         targets.append(classes)
         masks.append(valid)
         pixel_weights.append(weight)
-        distances.append(distance)
     batch_dict = {"image": torch.stack(images).contiguous(), "labels": torch.stack(targets).contiguous(),
                   "valid": torch.stack(masks).contiguous()}
     if with_weights:
         batch_dict["pixel_weight"] = torch.stack(pixel_weights).contiguous()
-    if with_distance:
-        batch_dict["distance"] = torch.stack(distances).contiguous()
     return batch_dict

@@ -89,7 +89,7 @@ def _support(mask: np.ndarray, labels: np.ndarray, settings: DecodeSettings) -> 
 
 def decode_block(probs_array, labels_array, index: int, block: tuple[int, int], halo: int,
                  settings: DecodeSettings | None = None,
-                 max_halo: int | None = None, distance_array=None) -> BlockResult:
+                 max_halo: int | None = None) -> BlockResult:
     """Decode one block on block + halo and write its labels; a pure function of its arguments.
 
     Args:
@@ -101,8 +101,6 @@ def decode_block(probs_array, labels_array, index: int, block: tuple[int, int], 
         halo: context read around the block on every side, in pixels.
         settings: decoding parameters.
         max_halo: largest halo tried (default ``8 * halo``).
-        distance_array: ``(1, H, W)`` learnt edge distance, sliced like ``probs_array``; needed
-            when ``settings.needs_distance``.
 
     Every object gets ID = (global raster index of its anchor pixel) + 1, the anchor being the
     first pixel, in raster order, of its seed (or of the object itself when it has none); the
@@ -122,9 +120,7 @@ def decode_block(probs_array, labels_array, index: int, block: tuple[int, int], 
     while True:
         ey0, ey1 = max(0, y0 - current), min(height, y1 + current)
         ex0, ex1 = max(0, x0 - current), min(width, x1 + current)
-        distance = (distance_array[:, ey0:ey1, ex0:ex1] if distance_array is not None
-                    and settings.needs_distance else None)
-        labels, anchors, mask = _decode_parts(probs_array[:, ey0:ey1, ex0:ex1], settings, distance)
+        labels, anchors, mask = _decode_parts(probs_array[:, ey0:ey1, ex0:ex1], settings)
         core = (slice(y0 - ey0, y1 - ey0), slice(x0 - ex0, x1 - ex0))
         cut = _cut_units(_support(mask, labels, settings), core,
                          (ey0 > 0, ey1 < height, ex0 > 0, ex1 < width))
@@ -166,7 +162,7 @@ def _check_blockwise(probs_array, labels_array, block: tuple[int, int], halo: in
 def instances_blockwise(probs_array, labels_array, block: tuple[int, int] = (1024, 1024),
                         halo: int = 128, settings: DecodeSettings | None = None, *,
                         max_halo: int | None = None, blocks: Iterable[int] | None = None,
-                        distance_array=None) -> Generator[Progress, None, BlockwiseStats]:
+                        ) -> Generator[Progress, None, BlockwiseStats]:
     """Instance labels for an image of any size, one block at a time (memory ~ one block).
 
     Args:
@@ -181,7 +177,6 @@ def instances_blockwise(probs_array, labels_array, block: tuple[int, int] = (102
         max_halo: largest halo tried (default ``8 * halo``).
         blocks: block indices to run, in this order (default all, raster order), e.g. the
             blocks left to do when resuming or a scatter of them across dask workers.
-        distance_array: ``(1, H, W)`` learnt edge distance (see :func:`decode_block`).
 
     Yields:
         :class:`Progress` (stage ``"instances"``) after each block, with its ``region``.
@@ -199,7 +194,7 @@ def instances_blockwise(probs_array, labels_array, block: tuple[int, int] = (102
     objects = escalated = unresolved = largest = 0
     for done, index in enumerate(todo, 1):
         result = decode_block(probs_array, labels_array, index, tuple(block), halo, settings,
-                              max_halo, distance_array)
+                              max_halo)
         objects += result.objects
         escalated += result.halo > halo
         unresolved += not result.complete

@@ -30,7 +30,6 @@ GRID = {
     "seed_split_dip": (0.0, 0.03, 0.05, 0.1, 0.15, 0.2),  # MoNuSeg: 0.05 split merged nuclei
     "seed_smoothing": (1.0, 2.0, 3.0),  # sigma (px); only read when the dip split is on
 }
-DISTANCE_GRID = {"split_surface": ("interior", "distance")}  # searched for models with a distance head
 
 THRESHOLD_KNOBS = ("seed_threshold", "foreground_threshold", "min_area")  # tuned first, then all
 
@@ -42,14 +41,8 @@ def decode_settings_for(card: dict | None) -> DecodeSettings:
     return DecodeSettings(**{k: v for k, v in stored.items() if k in known})
 
 
-def _as_maps(prediction) -> dict:
-    """A ``(3, H, W)`` probability array or a :func:`.validation.predict_maps` dict → the dict."""
-    return prediction if isinstance(prediction, dict) else {"probs": prediction}
-
-
-def _score(predictions: list, truths: list[np.ndarray], settings: DecodeSettings) -> dict:
-    rows = [instance_metrics(gt, decode_instances(m["probs"], settings, m.get("distance")))
-            for m, gt in zip(map(_as_maps, predictions), truths)]
+def _score(probabilities: list[np.ndarray], truths: list[np.ndarray], settings: DecodeSettings) -> dict:
+    rows = [instance_metrics(gt, decode_instances(p, settings)) for p, gt in zip(probabilities, truths)]
     return {k: float(np.mean([r[k] for r in rows])) for k in ("f1", "aji", "dice")}
 
 
@@ -74,37 +67,35 @@ def tune_decode(model, card: dict, samples: list[Sample], start: DecodeSettings 
 
     Returns:
         ``{"settings": dict, "before": scores, "after": scores, "n_images": n, "grid": GRID, "tta": views,
-        "maps": [per sample predict_maps output]}`` where scores are mean ``f1``, ``aji`` and
-        ``dice``; the grid adds :data:`DISTANCE_GRID` for a model with a distance head.
+        "probabilities": [per sample (3, H, W) float32]}`` where scores are mean ``f1``, ``aji`` and
+        ``dice``; the probabilities let the caller score the result without predicting again.
     """
     from .inference_plan import resolve_tta
-    from .validation import predict_maps
+    from .validation import predict_probabilities
 
     if model.config.num_classes != 3:
         raise ValueError("decoding thresholds apply to three-class instance models only")
     if not samples:
         raise ValueError("no labelled samples to tune on")
     tta = resolve_tta(card, tta)
-    maps = [predict_maps(model.eval(), s.image, card, tta=tta) for s in samples]
+    probabilities = [predict_probabilities(model.eval(), s.image, card, tta=tta) for s in samples]
     truths = [s.labels for s in samples]
-    grid = GRID | (DISTANCE_GRID if all("distance" in m for m in maps) else {})
     start = start or decode_settings_for(card)
     # Thresholds first, then every knob: searched all at once, the split's strong effect on F1
     # can lead coordinate ascent away from thresholds that suit it (MoNuSeg: AJI 0.553 vs 0.566).
-    first = search_thresholds(maps, truths, start, passes=passes, log=log,
+    first = search_thresholds(probabilities, truths, start, passes=passes, log=log,
                               grid={k: GRID[k] for k in THRESHOLD_KNOBS})
-    result = search_thresholds(maps, truths, dataclasses.replace(start, **first["settings"]),
-                               passes=passes + 1, log=log, grid=grid)
-    return {**result, "before": first["before"], "tta": tta, "maps": maps}
+    result = search_thresholds(probabilities, truths, dataclasses.replace(start, **first["settings"]),
+                               passes=passes + 1, log=log)
+    return {**result, "before": first["before"], "tta": tta, "probabilities": probabilities}
 
 
-def search_thresholds(probabilities: list, truths: list[np.ndarray], start: DecodeSettings,
+def search_thresholds(probabilities: list[np.ndarray], truths: list[np.ndarray], start: DecodeSettings,
                       passes: int = 2, log=None, grid: dict | None = None) -> dict:
     """Coordinate search of the decoding knobs on predicted maps.
 
     Args:
-        probabilities: per image ``(3, H, W)`` float probabilities, or the dict of
-            :func:`.validation.predict_maps` (with the learnt distance, for ``split_surface``).
+        probabilities: per image ``(3, H, W)`` float probabilities.
         truths: per image ``(H, W)`` int instance labels.
         start: settings to start from (already scored, so never worse than the result).
         passes: rounds over the grid.

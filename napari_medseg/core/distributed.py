@@ -18,7 +18,7 @@ from .decode_tuning import decode_settings_for
 from .inference import InferenceSettings, finish_run, prepare_run, process_block
 from .blockwise import block_regions, decode_block
 from .instances import DecodeSettings
-from .pipeline import _BackgroundWhereMissing, distance_view, load_model
+from .pipeline import _BackgroundWhereMissing, load_model
 from .progress import JobGenerator, Progress
 from .store import OutputStore
 
@@ -49,8 +49,7 @@ def _maps_task(source, plan, block, ref: ModelRef) -> int:
 def _labels_task(output: str, index: int, block: int, halo: int, decode: DecodeSettings):
     """Worker: decode one block's instances from the written maps and mark it done."""
     store = OutputStore.open(output)
-    result = decode_block(_BackgroundWhereMissing(store), store.labels(), index, (block, block), halo, decode,
-                          distance_array=distance_view(store, decode))
+    result = decode_block(_BackgroundWhereMissing(store), store.labels(), index, (block, block), halo, decode)
     store.refresh_pyramid("labels", result.region)
     store.mark_done(result.region, "labels")
     return result.objects

@@ -8,8 +8,7 @@ seed_threshold``, components smaller than ``min_seed_area`` dropped); the mask i
 (small nuclei whose boundary band leaves no interior), holes are filled and objects smaller than
 ``min_area`` dropped. Optionally (``seed_split_dip`` > 0) a seed is first cut where its interior
 probability, smoothed over the foreground, dips between two peaks by that much: touching nuclei
-whose confident interiors meet at a neck still get one marker each (see :func:`_split_seeds`); a
-model with a distance head can split on its learnt edge distance instead (``split_surface``).
+whose confident interiors meet at a neck still get one marker each (see :func:`_split_seeds`).
 Two classes {background, foreground}: connected components, optionally split by a
 distance-transform watershed. EM membranes (ISBI 2012): components of the non-membrane area.
 
@@ -35,7 +34,6 @@ from skimage.segmentation import relabel_sequential, watershed
 _EIGHT = np.ones((3, 3), bool)
 _FOUR = ndi.generate_binary_structure(2, 1)
 METHODS = ("auto", "membranes")
-SPLIT_SURFACES = ("interior", "distance")
 _TRUNCATE = 4.0  # Gaussian window of the dip split: this many sigmas each side
 
 
@@ -55,8 +53,6 @@ class DecodeSettings:
     seed_split_dip: float = 0.0  # K=3: split a seed where its smoothed interior probability dips
     #                              this much between two peaks (0 = off; see _split_seeds)
     seed_smoothing: float = 2.0  # K=3 dip split: Gaussian sigma (pixels) of that smoothing
-    split_surface: str = "interior"  # K=3 dip split on the interior probability, or "distance":
-    #                                  on the model's learnt edge distance (a distance head's map)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,14 +70,6 @@ class DecodeSettings:
         if not 0 <= self.seed_split_dip < 1 or self.seed_smoothing < 0:
             raise ValueError("DecodeSettings: seed_split_dip must be in [0, 1) (0 = off) and "
                              f"seed_smoothing >= 0, got {self.seed_split_dip}, {self.seed_smoothing}.")
-        if self.split_surface not in SPLIT_SURFACES:
-            raise ValueError(f"DecodeSettings.split_surface must be one of {SPLIT_SURFACES}, "
-                             f"got {self.split_surface!r}.")
-
-    @property
-    def needs_distance(self) -> bool:
-        """True when decoding reads the learnt distance map (the dip split on it)."""
-        return self.seed_split_dip > 0 and self.split_surface == "distance"
 
     @property
     def context_radius(self) -> int:
@@ -123,16 +111,13 @@ def _flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.n
     return watershed(elevation, markers, mask=mask, connectivity=1)
 
 
-def _three_class(p: np.ndarray, s: DecodeSettings,
-                 distance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded watershed on ``(3, H, W)`` float probabilities (and the ``(H, W)`` learnt distance
-    when the dip split reads it) → (labels, anchors, mask)."""
+def _three_class(p: np.ndarray, s: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded watershed on ``(3, H, W)`` float probabilities → (labels, anchors, mask)."""
     mask = (p[1] + p[2]) > s.foreground_threshold
     # Seeds stay inside the mask, so each one lies in (and floods) exactly one unit.
     seeds = (p[1] > s.seed_threshold) & mask
     if s.seed_split_dip > 0:
-        surface = distance if s.needs_distance else p[1]
-        markers, n = _split_seeds(seeds, _masked_smooth(surface, mask, s.seed_smoothing),
+        markers, n = _split_seeds(seeds, _masked_smooth(p[1], mask, s.seed_smoothing),
                                   s.seed_split_dip)
     else:
         markers, n = ndi.label(seeds, _EIGHT)
@@ -245,23 +230,8 @@ def _add_unreached(labels: np.ndarray, anchors: np.ndarray, mask: np.ndarray) ->
     anchors[unreached] = labels[unreached]
 
 
-def as_distance(distance, shape: tuple[int, int]) -> np.ndarray:
-    """A learnt distance map ``(H, W)`` or ``(1, H, W)`` of any dtype (fixed point like
-    :func:`as_probabilities`) → ``(H, W) float32``, checked against the probabilities' ``shape``."""
-    distance = np.asarray(distance)
-    if distance.ndim == 3 and distance.shape[0] == 1:
-        distance = distance[0]
-    if distance.shape != tuple(shape):
-        raise ValueError(f"the distance map {distance.shape} must be (H, W) or (1, H, W) with (H, W) "
-                         f"equal to the probabilities' {tuple(shape)}.")
-    if np.issubdtype(distance.dtype, np.integer):
-        return distance.astype(np.float32) / np.float32(np.iinfo(distance.dtype).max)
-    return np.nan_to_num(distance.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
-
-
-def _decode_parts(probs, settings: DecodeSettings,
-                  distance=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode and locate objects (``distance``: see :func:`decode_instances`).
+def _decode_parts(probs, settings: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode and locate objects.
 
     Returns:
         ``labels`` ``(H, W) int32`` numbered 1..n in raster order of their anchor pixels,
@@ -272,15 +242,8 @@ def _decode_parts(probs, settings: DecodeSettings,
     p = as_probabilities(probs)
     if settings.method == "membranes" and p.shape[0] != 2:
         raise ValueError("method='membranes' needs (2, H, W) probabilities {membrane, cell}.")
-    if p.shape[0] == 3:
-        if settings.needs_distance and distance is None:
-            raise ValueError("these decoding settings split seeds on the learnt distance map "
-                             "(split_surface='distance'), but no distance map was given: use "
-                             "weights with a distance head, or set split_surface='interior'.")
-        distance = as_distance(distance, p.shape[1:]) if settings.needs_distance else None
-        labels, anchor_map, mask = _three_class(p, settings, distance)
-    else:
-        labels, anchor_map, mask = _two_class(p, settings)
+    decode = _three_class if p.shape[0] == 3 else _two_class
+    labels, anchor_map, mask = decode(p, settings)
     if settings.fill_holes:
         labels = _fill_holes(labels)
     areas = np.bincount(labels.ravel())
@@ -296,16 +259,13 @@ def _decode_parts(probs, settings: DecodeSettings,
     return lut[labels], anchors[order].astype(np.int64), mask
 
 
-def decode_instances(probs, settings: DecodeSettings | None = None, distance=None,
-                     **overrides) -> np.ndarray:
+def decode_instances(probs, settings: DecodeSettings | None = None, **overrides) -> np.ndarray:
     """Instance labels from one in-memory probability map.
 
     Args:
         probs: ``(K, H, W)`` class probabilities (float, or uint8/uint16 fixed point): K = 3
             {background, interior, boundary} or K = 2 {background, foreground}.
         settings: decoding parameters (defaults: :class:`DecodeSettings`).
-        distance: the model's learnt edge distance ``(H, W)`` or ``(1, H, W)`` in [0, 1] (a
-            distance head's ``"distance"`` map); read only when ``settings.needs_distance``.
         **overrides: single fields to change, e.g. ``min_area=20``.
 
     Returns:
@@ -313,7 +273,7 @@ def decode_instances(probs, settings: DecodeSettings | None = None, distance=Non
         anchor pixel (so a crop and the whole image number shared objects in the same order).
     """
     settings = _settings(settings, overrides)
-    return _decode_parts(probs, settings, distance)[0]
+    return _decode_parts(probs, settings)[0]
 
 
 def decode_semantic_membranes(probs, threshold: float = 0.5, min_area: int = 8) -> np.ndarray:

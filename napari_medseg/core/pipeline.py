@@ -76,18 +76,16 @@ def _adopted_weights(model_name: str) -> Path | None:
 
 
 class _BackgroundWhereMissing:
-    """Read-only view of a store's ``probs`` (or another map) that reports certain background in
-    chunks the maps stage has not written (e.g. around a region run), so instance decoding never
-    invents objects from unwritten zeros: class 0 at probability 1, or 0 everywhere for maps
-    that are not probabilities (the learnt distance)."""
+    """Read-only view of a store's ``probs`` that reports certain background in chunks the maps
+    stage has not written (e.g. around a region run), so instance decoding never invents objects
+    from unwritten zeros."""
 
-    def __init__(self, store: OutputStore, name: str = "probs"):
-        self.array = store.array(name)
+    def __init__(self, store: OutputStore):
+        self.array = store.array("probs")
         self.shape, self.dtype = self.array.shape, self.array.dtype
         self.done = store.done_chunks("maps")
         self.chunk = store.layout.chunk
-        full = np.iinfo(self.dtype).max if np.dtype(self.dtype).kind == "u" else 1.0
-        self.full = full if name == "probs" else 0
+        self.full = np.iinfo(self.dtype).max if np.dtype(self.dtype).kind == "u" else 1.0
 
     def __getitem__(self, key):
         _, ys, xs = key
@@ -117,7 +115,7 @@ def decode_store(store: OutputStore, decode: DecodeSettings = DecodeSettings(), 
             and (region is None or _overlaps(r, region))]
     objects = 0
     job = instances_blockwise(_BackgroundWhereMissing(store), store.labels(), block, halo, decode,
-                              blocks=todo, distance_array=distance_view(store, decode))
+                              blocks=todo)
     while True:
         try:
             record = next(job)
@@ -134,18 +132,6 @@ def decode_store(store: OutputStore, decode: DecodeSettings = DecodeSettings(), 
     status = "complete" if store.status("labels")["status"] == "complete" else "incomplete"
     store.set_stage_status("labels", status, decode=dataclasses.asdict(decode), halo=halo)
     return objects
-
-
-def distance_view(store: OutputStore, decode: DecodeSettings) -> _BackgroundWhereMissing | None:
-    """The store's learnt distance map when ``decode`` reads it (else None); a clear error when
-    the decoding needs it and the model that wrote the store has no distance head."""
-    if not decode.needs_distance:
-        return None
-    if "distance" not in store.map_names:
-        raise ValueError("the decoding settings split seeds on the learnt distance map "
-                         "(split_surface='distance'), but this output has no 'distance' map: the "
-                         "weights have no distance head; set split_surface='interior'.")
-    return _BackgroundWhereMissing(store, "distance")
 
 
 def _overlaps(a, b) -> bool:

@@ -32,8 +32,6 @@ class Recipe:
     boundary_width: int = 1           # px of the boundary class inside each nucleus edge
     separation_weight: float = 0.0    # U-Net w0: extra loss weight between touching instances (0: off)
     separation_sigma: float = 5.0     # U-Net σ in px of that weight (targets.separation_weights)
-    distance_weight: float = 0.0      # weight of a learnt edge-distance head's MSE (0: no head;
-    #                                   the model needs a ``distance_head`` config field)
     val_split: float = 0.15
     seed: int = 0
     checkpoint_every: int = 100

@@ -80,29 +80,3 @@ def separation_weights(instances: np.ndarray, weight: float = 10.0, sigma: float
     both = np.isfinite(second)
     out[both] += weight * np.exp(-((nearest[both] + second[both]) ** 2) / (2 * sigma**2))
     return out
-
-
-def normalised_distance(instances: np.ndarray) -> np.ndarray:
-    """Each instance's Euclidean distance to its own edge divided by its largest one (Naylor et
-    al. 2018's DIST target, per nucleus so small and large nuclei both peak at 1).
-
-    Args:
-        instances: ``(H, W)`` integer instance labels, 0 = background.
-
-    Returns:
-        ``(H, W) float32`` in [0, 1]: 0 on background, > 0 inside each instance, 1 at its centre
-        (the pixels farthest from any other label); touching instances dip towards 0 where they meet.
-    """
-    instances = np.asarray(instances)
-    out = np.zeros(instances.shape, np.float32)
-    for index, box in enumerate(ndi.find_objects(instances), 1):
-        if box is None:
-            continue
-        padded = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-        own = instances[padded] == index
-        # The image border counts as an edge too: pad with background before the transform.
-        distance = ndi.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1]
-        peak = distance[own].max()
-        if peak > 0:
-            out[padded][own] = (distance[own] / peak).astype(np.float32)
-    return out

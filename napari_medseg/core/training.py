@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src_models import create_model, load_weights, model_class, save_weights
-from src_models.losses import WithDistanceTerm
+from src_models import create_model, load_weights, save_weights
 
 from .augment import TrainItem, sample_batch
 from .checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
@@ -28,8 +27,7 @@ from .normalize import normalize_image
 from .progress import JobGenerator, Progress
 from .pseudo_labels import read_manifest
 from .recipe import Recipe
-from .targets import (CLASS_NAMES, instances_to_classes, normalised_distance, semantic_to_classes,
-                      separation_weights)
+from .targets import CLASS_NAMES, instances_to_classes, semantic_to_classes, separation_weights
 
 DATA_LICENCES = {
     "dsb2018": "CC0 1.0 (Kaggle DSB2018 / BBBC038, Caicedo et al. 2019)",
@@ -46,9 +44,8 @@ def data_licence(*names: str | None) -> str:
 
 
 def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
-    """Normalised images and class targets in memory, with sampling weights (and, for instance
-    labels, separation pixel weights when ``recipe.separation_weight`` > 0 and the normalised edge
-    distance when ``recipe.distance_weight`` > 0)."""
+    """Normalised images and class targets in memory, with sampling weights (and separation pixel
+    weights for instance labels when ``recipe.separation_weight`` > 0)."""
     items = []
     for s in samples:
         image = torch.from_numpy(normalize_image(s.image, recipe.in_channels)).half()
@@ -60,40 +57,8 @@ def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
         if s.kind == "instances" and recipe.separation_weight > 0:
             pixel_weight = torch.from_numpy(separation_weights(
                 s.labels, recipe.separation_weight, recipe.separation_sigma)).half()
-        distance = None
-        if s.kind == "instances" and recipe.distance_weight > 0:
-            distance = torch.from_numpy(normalised_distance(s.labels)).half()
-        items.append(TrainItem(image, torch.from_numpy(classes), None, weight, s.labels, pixel_weight,
-                               distance))
+        items.append(TrainItem(image, torch.from_numpy(classes), None, weight, s.labels, pixel_weight))
     return items
-
-
-def _build_model(recipe: Recipe):
-    """The recipe's network (with a distance head when ``recipe.distance_weight`` > 0)."""
-    overrides = dict(recipe.model_overrides)
-    if recipe.distance_weight > 0:
-        fields = {f.name for f in dataclasses.fields(model_class(recipe.model).config_class)}
-        if "distance_head" not in fields:
-            raise ValueError(f"distance_weight needs a model with a distance head; {recipe.model} "
-                             "has none (gca_resunet has): set distance_weight to 0")
-        overrides["distance_head"] = True
-    return create_model(recipe.model, recipe.preset, in_channels=recipe.in_channels,
-                        num_classes=recipe.num_classes, **overrides)
-
-
-def _warm_start(model, init, recipe: Recipe, dev) -> dict:
-    """Load ``init`` weights into ``model`` (same architecture and config; a distance head the
-    init weights lack starts from its random initialisation). Returns the init card."""
-    start, init_card = load_weights(init, dev, expect_architecture=recipe.model)
-    new_head = getattr(model.config, "distance_head", False) and not start.config.distance_head
-    if dataclasses.replace(start.config, **({"distance_head": True} if new_head else {})) != model.config:
-        raise ValueError(f"--init weights {init} have another config than the recipe's "
-                         f"{recipe.model} {recipe.preset}; start from matching weights")
-    missing, unexpected = model.load_state_dict(start.state_dict(), strict=not new_head)
-    if unexpected or any(not key.startswith("distance.") for key in missing):
-        raise ValueError(f"--init weights {init} do not fit {recipe.model}: missing {missing}, "
-                         f"unexpected {unexpected}")
-    return init_card
 
 
 def warm_start_lineage(init_card: dict) -> dict:
@@ -217,10 +182,16 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
         recipe = dataclasses.replace(recipe, num_classes=3 if samples[0].kind == "instances" else 2)
     train_samples, val_samples = split(samples, recipe.val_split)
     items = make_items(train_samples, recipe)
-    model = _build_model(recipe).to(dev).to(memory_format=torch.channels_last)
+    model = create_model(recipe.model, recipe.preset, in_channels=recipe.in_channels,
+                         num_classes=recipe.num_classes,
+                         **recipe.model_overrides).to(dev).to(memory_format=torch.channels_last)
     init_card = None
     if init is not None:
-        init_card = _warm_start(model, init, recipe, dev)
+        start, init_card = load_weights(init, dev, expect_architecture=recipe.model)
+        if start.config != model.config:
+            raise ValueError(f"--init weights {init} have another config than the recipe's "
+                             f"{recipe.model} {recipe.preset}; start from matching weights")
+        model.load_state_dict(start.state_dict())
     stage = model.pretrain_stage()
     optimizer = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr, weight_decay=recipe.weight_decay)
     modules = {"model": model}
@@ -257,8 +228,6 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
         loss_fn = model.make_loss(**{stage.loss_kwarg: stage.network})
     else:
         loss_fn = model.make_loss()
-    if recipe.distance_weight > 0:
-        loss_fn = WithDistanceTerm(loss_fn, recipe.distance_weight)
     # state["elapsed"] moves forward at every checkpoint, so remember where this run started from
     elapsed_before, started = state["elapsed"], time.perf_counter()
     steps_done = yield from _run_steps("train", model, loss_fn, optimizer, items, recipe, rng, state["step"],
@@ -279,7 +248,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             decode = eval_card["decode"] = tuning["settings"]
         yield Progress("validate", 0, len(val_samples), f"validating on {len(val_samples)} images")
         metrics = evaluate_samples(model.eval(), val_samples, recipe, card=eval_card,
-                                   maps=tuning and tuning["maps"])
+                                   probabilities=tuning and tuning["probabilities"])
     data_name = data_name or Path(data_dir).name
     pseudo = read_manifest(data_dir)
     card = {

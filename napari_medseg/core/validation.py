@@ -21,33 +21,6 @@ from .progress import drain
 from .store import OutputStore
 
 
-def predict_maps(model, image: np.ndarray, card: dict, settings: InferenceSettings | None = None,
-                 tta: int | None = None) -> dict[str, np.ndarray]:
-    """The maps instance decoding reads, for one in-memory image through the tiled engine.
-
-    Args: as :func:`predict_probabilities`.
-
-    Returns:
-        ``{"probs": (K, H, W) float32}``, plus ``"distance": (H, W) float32`` for a model with a
-        distance head.
-    """
-    settings = settings or InferenceSettings(probs_dtype="float32", prefetch=False, mc_samples=0, tta=tta)
-    with tempfile.TemporaryDirectory(prefix="medseg-val-") as folder:
-        out = Path(folder) / "run.zarr"
-        drain(segment(np.ascontiguousarray(image), model, card, out, settings))
-        store = OutputStore.open(out, mode="r")
-        region = (0, image.shape[1], 0, image.shape[2])
-        maps = {"probs": store.read_map("probs", region)}
-        if "distance" in store.map_names:
-            maps["distance"] = np.asarray(store.read_map("distance", region), np.float32)[0]
-        return maps
-
-
-def decode_maps(maps: dict[str, np.ndarray], settings) -> np.ndarray:
-    """Instance labels ``(H, W) int32`` from :func:`predict_maps` output with ``DecodeSettings``."""
-    return decode_instances(maps["probs"], settings, maps.get("distance"))
-
-
 def predict_probabilities(model, image: np.ndarray, card: dict, settings: InferenceSettings | None = None,
                           tta: int | None = None) -> np.ndarray:
     """Class probabilities of one in-memory image through the tiled engine.
@@ -62,27 +35,34 @@ def predict_probabilities(model, image: np.ndarray, card: dict, settings: Infere
     Returns:
         ``(K, H, W) float32`` probabilities.
     """
-    return predict_maps(model, image, card, settings, tta)["probs"]
+    settings = settings or InferenceSettings(probs_dtype="float32", prefetch=False, mc_samples=0, tta=tta)
+    with tempfile.TemporaryDirectory(prefix="medseg-val-") as folder:
+        out = Path(folder) / "run.zarr"
+        drain(segment(np.ascontiguousarray(image), model, card, out, settings))
+        store = OutputStore.open(out, mode="r")
+        h, w = image.shape[1:]
+        return store.read_map("probs", (0, h, 0, w))
 
 
 def predict_instances(model, image: np.ndarray, card: dict, task: str = "instances",
-                      tta: int | None = None, maps: dict | None = None) -> np.ndarray:
+                      tta: int | None = None, probs: np.ndarray | None = None) -> np.ndarray:
     """Instance labels ``(H, W) int32`` (or a semantic class map for ``task="semantic"``);
-    ``maps``: this image's :func:`predict_maps` output, when already computed with ``tta``."""
-    maps = maps or predict_maps(model, image, card, tta=tta)
+    ``probs``: this image's probabilities when already predicted with ``tta`` views."""
+    probs = predict_probabilities(model, image, card, tta=tta) if probs is None else probs
     if task == "semantic":
-        return maps["probs"].argmax(axis=0).astype(np.int32)
-    return decode_maps(maps, decode_settings_for(card))
+        return probs.argmax(axis=0).astype(np.int32)
+    return decode_instances(probs, decode_settings_for(card))
 
 
 def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | None = None,
-                     tta: int | None = None, maps: list[dict] | None = None) -> dict:
+                     tta: int | None = None, probabilities: list[np.ndarray] | None = None) -> dict:
     """Mean and per-image metrics of ``model`` on labelled samples, overall and per modality.
 
     Instance samples are scored with Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5; semantic ones with
     pixel Dice/IoU of class 1. ``tta``: test-time views (None: the card's default); the views
-    used are reported under ``"tta"``. ``maps``: per sample, :func:`predict_maps` output already
-    computed with these views (e.g. by :func:`.decode_tuning.tune_decode`), so nothing is predicted twice.
+    used are reported under ``"tta"``. ``probabilities``: per sample, the ``(K, H, W)`` maps
+    already predicted with these views (e.g. by :func:`.decode_tuning.tune_decode`), so nothing
+    is predicted twice.
     """
     card = dict(card or {})
     card.setdefault("architecture", model.name)
@@ -93,8 +73,9 @@ def evaluate_samples(model, samples: list[Sample], recipe=None, card: dict | Non
     kind = "semantic" if samples and samples[0].kind == "semantic" else "instance"
     task = "semantic" if kind == "semantic" else "instances"
     tta = resolve_tta(card, tta)
-    maps = maps or [None] * len(samples)
-    predictions = {s.id: predict_instances(model, s.image, card, task, tta, m) for s, m in zip(samples, maps)}
+    probabilities = probabilities or [None] * len(samples)
+    predictions = {s.id: predict_instances(model, s.image, card, task, tta, p)
+                   for s, p in zip(samples, probabilities)}
     gt = {s.id: (s.labels > 0).astype(np.int32) if kind == "semantic" else s.labels for s in samples}
     result = evaluate_pairs(((s.id, gt[s.id], predictions[s.id]) for s in samples), kind=kind)
     by_modality = {}
