@@ -23,7 +23,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked import of {name}")
 sys.meta_path.insert(0, Block())
 import pkgutil, importlib
-import src_models, napari_medseg.core, napari_medseg.cli, napari_medseg.cli_commands
+import src_models, napari_medseg.core, napari_medseg.cli, napari_medseg.cli_commands, napari_medseg.cli_train
 for mod in pkgutil.iter_modules(napari_medseg.core.__path__):
     importlib.import_module("napari_medseg.core." + mod.name)
 for mod in pkgutil.iter_modules(src_models.__path__):

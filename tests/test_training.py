@@ -95,7 +95,7 @@ def test_cli_train_refuses_to_overwrite_and_unknown_models(data, tmp_path, capsy
 
 def test_cli_keeps_the_recipe_file_values_it_is_not_given(tmp_path):
     from napari_medseg.cli import build_parser
-    from napari_medseg.cli_commands import train_recipe
+    from napari_medseg.cli_train import train_recipe
 
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"model": "gca_resunet", "preset": "paper", "seed": 1, "val_split": 0.2,
