@@ -10,9 +10,20 @@ from .cli_commands import TerminalProgress
 
 
 def train_recipe(args):
-    """The recipe file (or the defaults) with only the options given on the command line applied."""
-    from .core.recipe import Recipe
+    """The recipe file (or the defaults) with only the options given on the command line applied.
 
+    ``--recipe`` may also be a weights card: its replay recipe (:meth:`Recipe.replaying`) re-runs that
+    training step for step."""
+    from .core.recipe import Recipe, is_weights_card
+
+    if args.recipe:
+        try:
+            recorded = json.loads(Path(args.recipe).read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot read recipe {args.recipe}: {e}") from None
+        if is_weights_card(recorded) and recorded["architecture"] != args.model:
+            raise CLIError(f"{args.recipe} is the card of {recorded['architecture']} weights; "
+                           f"replay it with --model {recorded['architecture']}")
     overrides = {"model": args.model, "preset": args.preset, "val_split": args.val_split,
                  "steps": args.steps, "time_budget_s": args.time_budget, "batch": args.batch,
                  "crop": args.crop, "seed": args.seed}

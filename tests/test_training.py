@@ -70,7 +70,8 @@ def test_init_warm_start_is_recorded_and_checked(data, tmp_path):
     second = drain(train(_recipe(val_split=0.0), data, tmp_path / "b", device="cpu", init=tmp_path / "a"))
     assert second["training"]["init"] == {"sha256": first["sha256"], "version": first["version"],
                                           "steps_done": 4, "time_s": first["training"]["time_s"],
-                                          "init": None}
+                                          "data": "data", "recipe": first["training"]["recipe"],
+                                          "pretrain_steps_done": 0, "init": None}
     third = drain(train(_recipe(steps=2, val_split=0.0), data, tmp_path / "c", device="cpu",
                         init=tmp_path / "b"))
     lineage = third["training"]["init"]        # every earlier run, newest first

@@ -54,7 +54,32 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "Recipe":
-        """Load a JSON recipe, then apply non-None ``overrides``."""
+        """Load a JSON recipe, or the replay recipe of a weights card (:meth:`replaying`), then apply
+        non-None ``overrides``."""
         values = json.loads(Path(path).read_text())
+        if is_weights_card(values):
+            values = cls.replaying(values).to_dict()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
+
+    @classmethod
+    def replaying(cls, card: dict) -> "Recipe":
+        """The recipe that re-runs the training recorded in a weights card, step for step, on any machine.
+
+        A run stopped by its time budget annealed its learning rate over the clock (progress = elapsed /
+        budget), so its recipe alone replays differently on a faster or slower machine. The replay recipe
+        anneals over the steps the run actually took instead (``steps`` = ``steps_done``,
+        ``pretrain_steps`` = ``pretrain_steps_done``, no time budget): the same schedule at a steady speed,
+        and with the fixed seed the same batches in the same order.
+        """
+        training = card.get("training") or {}
+        if "recipe" not in training or "steps_done" not in training:
+            raise ValueError("this weights card records no training recipe (not trained by napari-medseg train)")
+        recipe = cls.from_dict(training["recipe"])
+        return dataclasses.replace(recipe, steps=int(training["steps_done"]), time_budget_s=None,
+                                   pretrain_steps=int(training.get("pretrain_steps_done") or 0))
+
+
+def is_weights_card(values: dict) -> bool:
+    """Whether a JSON document is a weights card (which holds its recipe) rather than a recipe."""
+    return isinstance(values.get("training"), dict) and "architecture" in values

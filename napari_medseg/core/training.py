@@ -63,12 +63,15 @@ def make_items(samples: list[Sample], recipe: Recipe) -> list[TrainItem]:
 
 def warm_start_lineage(init_card: dict) -> dict:
     """The ``training.init`` entry of a card trained from ``init_card``'s weights: that run's sha256,
-    version, steps and seconds, nesting its own ``init`` so a starter continued several times names
-    every earlier run (each older card written before this field recorded less)."""
+    version, data, recipe, steps and seconds, nesting its own ``init`` so a starter continued several
+    times names every earlier run and how to replay it (cards written before a field existed lack it)."""
     trained = init_card.get("training") or {}
-    return {"sha256": init_card["sha256"], "version": init_card.get("version"),
-            "steps_done": trained.get("steps_done"), "time_s": trained.get("time_s"),
-            "init": trained.get("init")}
+    lineage = {"sha256": init_card["sha256"], "version": init_card.get("version"),
+               "steps_done": trained.get("steps_done"), "time_s": trained.get("time_s")}
+    if "recipe" in trained:
+        lineage |= {"data": trained.get("data"), "recipe": trained["recipe"],
+                    "pretrain_steps_done": trained.get("pretrain_steps_done")}
+    return lineage | {"init": trained.get("init")}
 
 
 def lr_factor(progress: float, step: int, recipe: Recipe) -> float:
