@@ -59,7 +59,8 @@ def _add_train(sub) -> None:
     p.add_argument("--crop", type=int, help="training crop size (default from the recipe)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, help="random seed (default: the recipe's, else 0)")
-    p.add_argument("--recipe", help="JSON recipe file overriding the defaults")
+    p.add_argument("--recipe", help="JSON recipe file overriding the defaults, or a weights card (.json) to "
+                   "replay its training run step for step (give its --init too, if it had one)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint next to --out")
     p.add_argument("--init", help="start from these weights (same model and preset) instead of random")
 

@@ -21,14 +21,31 @@ def train_recipe(args):
             recorded = json.loads(Path(args.recipe).read_text())
         except (OSError, ValueError) as e:
             raise CLIError(f"cannot read recipe {args.recipe}: {e}") from None
-        if is_weights_card(recorded) and recorded["architecture"] != args.model:
-            raise CLIError(f"{args.recipe} is the card of {recorded['architecture']} weights; "
-                           f"replay it with --model {recorded['architecture']}")
+        if is_weights_card(recorded):
+            if recorded["architecture"] != args.model:
+                raise CLIError(f"{args.recipe} is the card of {recorded['architecture']} weights; "
+                               f"replay it with --model {recorded['architecture']}")
+            _check_replay_start(recorded, args.init)
     overrides = {"model": args.model, "preset": args.preset, "val_split": args.val_split,
                  "steps": args.steps, "time_budget_s": args.time_budget, "batch": args.batch,
                  "crop": args.crop, "seed": args.seed}
     return (Recipe.from_file(args.recipe, **overrides) if args.recipe
             else Recipe.from_dict({k: v for k, v in overrides.items() if v is not None}))
+
+
+def _check_replay_start(card: dict, init: str | None) -> None:
+    """A recorded run replays only from the weights it started from (its ``training.init``)."""
+    from src_models.weights_io import read_card
+
+    started = (card.get("training") or {}).get("init")
+    if started and not init:
+        raise CLIError(f"that run started from the weights {started.get('version')} (sha256 "
+                       f"{started['sha256'][:12]}…); replay it with --init those weights")
+    if not started and init:
+        raise CLIError("that run started from random initialisation; replay it without --init")
+    if started and read_card(init)["sha256"] != started["sha256"]:
+        raise CLIError(f"--init {init} are not the weights that run started from (sha256 "
+                       f"{started['sha256'][:12]}…)")
 
 
 def run_train(args) -> None:

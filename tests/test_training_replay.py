@@ -81,3 +81,20 @@ def test_cli_replay_refuses_a_card_of_another_model(data, tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 2
     assert "replay it with --model iau_net" in capsys.readouterr().err
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_cli_replay_starts_from_the_weights_the_run_started_from(data, tmp_path, capsys):
+    drain(train(_recipe(steps=1), data, tmp_path / "a", device="cpu"))
+    drain(train(_recipe(steps=1, seed=1), data, tmp_path / "other", device="cpu"))
+    drain(train(_recipe(steps=1), data, tmp_path / "b", device="cpu", init=tmp_path / "a"))
+    base = ["train", "--model", "iau_net", "--data", str(data), "--recipe", str(tmp_path / "b.json")]
+    assert main(base + ["--out", str(tmp_path / "r")]) == 2
+    assert "replay it with --init those weights" in capsys.readouterr().err
+    assert main(base + ["--init", str(tmp_path / "other"), "--out", str(tmp_path / "r")]) == 2
+    assert "not the weights that run started from" in capsys.readouterr().err
+    scratch = ["train", "--model", "iau_net", "--data", str(data), "--recipe", str(tmp_path / "a.json")]
+    assert main(scratch + ["--init", str(tmp_path / "other"), "--out", str(tmp_path / "r")]) == 2
+    assert "without --init" in capsys.readouterr().err
+    assert main(base + ["--init", str(tmp_path / "a"), "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["sha256"] == json.loads(
+        (tmp_path / "b.json").read_text())["sha256"]       # one step from the same start: the same weights
