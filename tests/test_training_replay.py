@@ -98,3 +98,18 @@ def test_cli_replay_starts_from_the_weights_the_run_started_from(data, tmp_path,
     assert main(base + ["--init", str(tmp_path / "a"), "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["sha256"] == json.loads(
         (tmp_path / "b.json").read_text())["sha256"]       # one step from the same start: the same weights
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path):
+    """The checkpoint keeps the sampler's and torch's random states, so stopping and resuming changes
+    nothing (V-UNet: its training draws latent samples from torch's generator too)."""
+    recipe = _recipe(model="vunet", steps=4, checkpoint_every=2)
+    whole = drain(train(recipe, data, tmp_path / "whole", device="cpu"))
+    job = train(recipe, data, tmp_path / "split", device="cpu")
+    for record in job:                     # stop during step 3: the checkpoint of step 2 is on disk
+        if record.stage == "train" and record.done == 3:
+            break
+    job.close()
+    torch.manual_seed(123)                 # whatever the process did in between
+    resumed = drain(train(recipe, data, tmp_path / "split", device="cpu", resume=True))
+    assert resumed["training"]["steps_done"] == 4 and resumed["sha256"] == whole["sha256"]

@@ -162,6 +162,29 @@ def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step
     return step
 
 
+def _random_state(rng: np.random.Generator, dev: torch.device) -> dict:
+    """The batch sampler's and torch's random states, as JSON, so a resumed run draws what the
+    uninterrupted one would have."""
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state().tolist()}
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev).tolist()
+    return state
+
+
+def _restore_random_state(state: dict, recipe: Recipe, dev: torch.device) -> np.random.Generator:
+    """Restore :func:`_random_state` from a checkpoint (older checkpoints: re-seed from the step)."""
+    saved = state.get("random")
+    if saved is None:
+        torch.manual_seed(recipe.seed + state["step"] + state["pretrain_step"])
+        return np.random.default_rng([recipe.seed, state["step"], state["pretrain_step"]])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = saved["numpy"]
+    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if "cuda" in saved and dev.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8), dev)
+    return rng
+
+
 def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "auto",
           resume: bool = False, data_name: str | None = None,
           init: str | Path | None = None) -> JobGenerator[dict]:
@@ -208,13 +231,13 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
     state = {"pretrain_step": 0, "step": 0, "elapsed": 0.0, "pretrain_elapsed": 0.0}
     if resume:
         state = load_checkpoint(out, modules, optimizers)
-        rng = np.random.default_rng([recipe.seed, state["step"], state["pretrain_step"]])
-        torch.manual_seed(recipe.seed + state["step"] + state["pretrain_step"])
+        rng = _restore_random_state(state, recipe, dev)
     started = time.perf_counter()
 
     def checkpoint(step, elapsed, key="step"):
         state[key] = step
         state["elapsed" if key == "step" else "pretrain_elapsed"] = elapsed
+        state["random"] = _random_state(rng, dev)
         save_checkpoint(out, modules, optimizers, state)
 
     if stage is not None:
