@@ -162,6 +162,12 @@ def _run_steps(name, network, loss_fn, optimizer, items, recipe, rng, start_step
     return step
 
 
+def _hardware(dev: torch.device) -> str:
+    """Where a run trained, for its card: processor, torch threads, device (and the GPU's name)."""
+    where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}"
+    return f"{where} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else where
+
+
 def _random_state(rng: np.random.Generator, dev: torch.device) -> dict:
     """The batch sampler's and torch's random states, as JSON, so a resumed run draws what the
     uninterrupted one would have."""
@@ -294,7 +300,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "recipe": recipe.to_dict(), "steps_done": steps_done,
             "pretrain_steps_done": state["pretrain_step"],
             "time_s": round(train_time, 1),
-            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
+            "hardware": _hardware(dev),
             "torch": torch.__version__,
             "init": init_card and warm_start_lineage(init_card),
         },
