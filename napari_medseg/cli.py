@@ -24,8 +24,9 @@ def _add_segment(sub) -> None:
                        description="Segment a 2D image of any size tile by tile into a zarr group holding "
                        "class probabilities, instance labels and the model's uncertainty or background maps.")
     p.add_argument("input", help="image: .zarr folder (plain or OME-Zarr), .tif/.tiff, .png")
-    p.add_argument("-m", "--model", default="vunet", help=f"model name ({MODEL_HELP}); default vunet")
-    p.add_argument("--weights", help="weights file (.safetensors with its .json card); default: the bundled starter")
+    p.add_argument("-m", "--model", help=f"model name ({MODEL_HELP}); default: the --weights' model, else vunet")
+    p.add_argument("--weights", help="weights file (.safetensors with its .json card) or the name of bundled "
+                   "weights (e.g. gca_resunet_lite_monuseg2018 for H&E tissue); default: the bundled starter")
     p.add_argument("-o", "--output", help="output .zarr folder; default: next to the input")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: chosen per model)")
     p.add_argument("--overlap", type=int, help="tile overlap / halo in pixels (default: chosen per model)")
@@ -208,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_bundled_names(args) -> None:
+    """``--weights`` / ``--init`` may name bundled weights instead of giving a path."""
+    from .core.resources import resolve_weights_name
+
+    for attr in ("weights", "init"):
+        value = getattr(args, attr, None)
+        if value and value != "random":   # pipeline.RANDOM_WEIGHTS (not imported: it loads torch)
+            setattr(args, attr, resolve_weights_name(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from . import cli_commands
@@ -216,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = getattr(cli_commands, f"run_{args.command}")
     try:
+        _resolve_bundled_names(args)
         handler(args)
     except KeyboardInterrupt:
         print("napari-medseg: interrupted", file=sys.stderr)
@@ -229,4 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m napari_medseg.cli`: run the imported module's main, so the CLIError raised by the
+    # commands (napari_medseg.cli.CLIError) is the one main catches, not a second __main__ copy
+    from napari_medseg.cli import main as _main
+
+    sys.exit(_main())

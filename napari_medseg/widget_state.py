@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core.pipeline import RANDOM_WEIGHTS
-from .core.resources import starter_weights
+from .core.resources import bundled_weights, starter_weights
 
 STATE_FILE = "segment_widget.json"
 MAX_RECENT_WEIGHTS = 10
@@ -96,6 +96,13 @@ def weights_choices(model_name: str, recent: list[str] = ()) -> list[WeightsChoi
         card = _card(read_card, starter)
         choices.append(WeightsChoice(f"starter: {Path(starter).name} (bundled)", str(starter),
                                      _describe(card, "bundled starter weights")))
+    for stem in bundled_weights(model_name):   # weights for a narrower domain, e.g. H&E tissue
+        if stem != starter:
+            card = _card(read_card, stem)
+            use = (card or {}).get("use") or {}
+            licence = f", {use['licence_short']}" if use.get("licence_short") else ""
+            choices.append(WeightsChoice(f"bundled: {stem.name}{licence}", str(stem),
+                                         _describe(card, "bundled weights")))
     for version in reversed(fine_tuned):       # newest first
         if active is not None and version.path == active.path:
             continue
@@ -164,6 +171,9 @@ def _describe(card: dict | None, fallback: str) -> str:
     if not card:
         return fallback
     parts = [card.get("version") or fallback]
+    use = card.get("use") or {}
+    if use.get("for"):
+        parts.append(f"for {use['for']}")
     training = card.get("training") or {}
     if training.get("data"):
         parts.append(f"trained on {training['data']} ({training.get('licence', 'licence unknown')})")
