@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
+from src_models import read_card
+
 from napari_medseg.core.resources import starter_weights
 from napari_medseg.core.samples import load_sample, write_mosaic_zarr
 from napari_medseg.core.store import OutputStore
@@ -252,6 +254,29 @@ def test_screenshot_after_run_and_review(make_napari_viewer, qtbot, tmp_path):
     viewer.reset_view()
     path = save_screenshot(viewer, "segment_run")
     assert path.stat().st_size > 20_000
+
+
+def test_bundled_he_tissue_weights_are_offered_and_run(make_napari_viewer, qtbot, tmp_path):
+    """GCA-ResUNet offers its MoNuSeg (H&E tissue) weights beside the starter, licence in the label."""
+    from napari_medseg.core.resources import weights_dir
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 860)
+    viewer.add_image(load_sample("histology_he"), name="tissue")
+    he = str(weights_dir() / "gca_resunet_lite_monuseg2018")
+    widget = open_widget(viewer, tmp_path, "gca_resunet", he)
+    form = widget.form
+    items = [form.weights.itemText(i) for i in range(form.weights.count())]
+    assert items[:2] == ["starter: gca_resunet_lite_dsb2018 (bundled)",
+                         "bundled: gca_resunet_lite_monuseg2018, H&E, CC BY-NC-SA: non-commercial"]
+    assert form.weights.currentText().startswith("bundled: gca_resunet_lite_monuseg2018")
+    assert form.tta.itemText(0) == "weights' default (8 views)"
+    form.tta.setCurrentIndex(form.tta.findData(1))                  # one view: quicker on CI
+    outcome = run_and_wait(widget, qtbot)
+    assert OutputStore.open(outcome.output, mode="r").attrs["run"]["weights_sha256"] == read_card(he)["sha256"]
+    assert int(np.max(np.asarray(viewer.layers["tissue labels"].data))) > 10
+    viewer.reset_view()
+    save_screenshot(viewer, "segment_he_tissue_weights")
 
 
 def test_state_is_remembered(make_napari_viewer, tmp_path):
