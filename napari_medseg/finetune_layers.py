@@ -2,7 +2,7 @@
 
 A labels layer made by a MedSeg run (:mod:`napari_medseg.layer_data`) leads to its output store,
 the image layer it was made from, the architecture, and the weights the run used (recorded in the
-run, else found by the run's sha256 among the bundled starters, the user's recent weight files and
+run, else found by the run's sha256 among the bundled weights, the user's recent weight files and
 the fine-tuned versions). A Shapes layer gives reviewed regions, converted to the labels' pixels.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from .core import versions
 from .core.edits import as_reviewed
-from .core.resources import starter_weights
+from .core.resources import bundled_weights
 from .core.store import OutputStore
 from .layer_data import medseg_info
 from .review import view_region
@@ -61,7 +61,7 @@ def parent_weights(run: dict, architecture: str) -> Path | None:
     recorded = run.get("weights_path")
     if recorded and Path(f"{recorded}.safetensors").exists():
         return Path(recorded)
-    candidates = [starter_weights(architecture)] + list(load_state().recent_weights)
+    candidates = bundled_weights(architecture) + list(load_state().recent_weights)
     return versions.find_by_sha(run.get("weights_sha256") or "", architecture,
                                 candidates=[c for c in candidates if c])
 

@@ -92,3 +92,12 @@ def test_widget_lists_bundled_domain_weights_with_their_licence():
     assert "for nuclei in H&E" in entry.description and "CC BY-NC-SA" in entry.description
     assert not any(label.startswith("bundled:") for label in
                    (c.label for c in widget_state.weights_choices("vunet")))
+
+
+def test_finetune_finds_bundled_domain_weights_of_a_run_by_sha256():
+    from napari_medseg.finetune_layers import parent_weights
+
+    stem = resources.weights_dir() / MONUSEG
+    run = {"model": "gca_resunet", "weights_sha256": read_card(stem)["sha256"]}   # no weights_path recorded
+    assert parent_weights(run, "gca_resunet") == stem
+    assert parent_weights(dict(run, weights_sha256="0" * 64), "gca_resunet") is None
