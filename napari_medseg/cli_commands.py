@@ -184,10 +184,9 @@ def run_finetune(args) -> None:
     from .core import versions
 
     if args.versions:
-        from .core.resources import starter_weights
+        from .core.resources import bundled_weights
 
-        starter = starter_weights(args.versions)
-        print(versions.format_tree(args.versions, extra=[starter] if starter else []))
+        print(versions.format_tree(args.versions, extra=bundled_weights(args.versions)))
         return
     from .core.finetune import FinetuneSettings, finetune_job
     from .core.progress import drain

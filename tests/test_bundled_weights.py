@@ -101,3 +101,12 @@ def test_finetune_finds_bundled_domain_weights_of_a_run_by_sha256():
     run = {"model": "gca_resunet", "weights_sha256": read_card(stem)["sha256"]}   # no weights_path recorded
     assert parent_weights(run, "gca_resunet") == stem
     assert parent_weights(dict(run, weights_sha256="0" * 64), "gca_resunet") is None
+
+
+def test_cli_versions_tree_lists_every_bundled_root(tmp_path, monkeypatch, capsys):
+    from napari_medseg.core import versions
+
+    monkeypatch.setenv(versions.ENV_VAR, str(tmp_path / "models"))
+    assert main(["finetune", "--versions", "gca_resunet"]) == 0
+    tree = capsys.readouterr().out
+    assert "gca_resunet_lite_dsb2018" in tree and MONUSEG in tree
