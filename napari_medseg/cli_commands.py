@@ -94,7 +94,7 @@ def run_segment(args) -> None:
         superblock=args.superblock, tta=args.tta)
     if not Path(args.input).exists():
         raise CLIError(f"input {args.input} does not exist")
-    args.model = args.model or _model_of_weights(args.weights) or "vunet"
+    args.model = args.model or model_of_weights(args.weights) or "vunet"
     output = Path(args.output) if args.output else default_output_path(args.input, args.model)
     if output.exists() and not (args.resume or args.overwrite):
         raise CLIError(f"output {output} already exists; pass --resume to continue that run, "
@@ -110,7 +110,7 @@ def run_segment(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def _model_of_weights(weights: str | None) -> str | None:
+def model_of_weights(weights: str | None) -> str | None:
     """The architecture named in a weights card (None for no weights or random weights)."""
     from src_models import read_card
 

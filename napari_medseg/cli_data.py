@@ -9,9 +9,7 @@ from .cli import CLIError
 
 def run_pseudolabel(args) -> None:
     """Write ``--out`` with the real instance labels and teacher-completed ones for mask-only images."""
-    from src_models import read_card
-
-    from .cli_commands import TerminalProgress
+    from .cli_commands import TerminalProgress, model_of_weights
     from .core.pipeline import load_model
     from .core.progress import drain
     from .core.pseudo_labels import pseudolabel_job
@@ -20,7 +18,7 @@ def run_pseudolabel(args) -> None:
         raise CLIError(f"data folder {args.data} does not exist")
     if Path(args.out).exists():
         raise CLIError(f"{args.out} already exists; choose a new --out folder (nothing is overwritten)")
-    model, card = load_model(read_card(args.weights)["architecture"], args.weights, args.device)
+    model, card = load_model(model_of_weights(args.weights), args.weights, args.device)
     bar = TerminalProgress()
     manifest = drain(pseudolabel_job(model, card, args.data, args.out, tta=args.tta), bar)
     bar.close()

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .cli import CLIError
-from .cli_commands import TerminalProgress
+from .cli_commands import TerminalProgress, model_of_weights
 
 
 def train_recipe(args):
@@ -127,11 +127,7 @@ def run_evaluate(args) -> None:
     if args.tune_decode and not (args.data and args.split == "val" and args.weights):
         raise CLIError("--tune-decode needs --weights FILE --data DIR --split val (thresholds are chosen "
                        "on the weights' validation images, never on a test set, and written into that card)")
-    model_name = args.model
-    if model_name is None:
-        from src_models import read_card
-
-        model_name = read_card(args.weights)["architecture"]
+    model_name = args.model or model_of_weights(args.weights)
     model, card = load_model(model_name, args.weights, args.device)
     samples = _evaluation_samples(args, card)
     tuning = _tune_decode(args, model, card, samples) if args.tune_decode else None
