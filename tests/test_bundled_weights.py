@@ -34,17 +34,28 @@ def test_starter_is_the_dsb2018_weights_even_when_another_name_sorts_first(tmp_p
     assert bundled_weights("vunet") == [] and starter_weights("vunet") is None
 
 
-def test_bundled_monuseg_weights_carry_their_data_licence_and_hash():
-    stem = resources.weights_dir() / MONUSEG
-    assert stem in bundled_weights("gca_resunet") and stem not in bundled_weights("vunet")
+MONUSEG_STEMS = sorted(p.stem for p in resources.weights_dir().glob("*_monuseg2018.safetensors"))
+
+
+def test_the_he_tissue_weights_are_bundled():
+    assert MONUSEG in MONUSEG_STEMS
+
+
+@pytest.mark.parametrize("name", MONUSEG_STEMS)
+def test_bundled_monuseg_weights_carry_their_data_licence_and_hash(name):
+    stem = resources.weights_dir() / name
     card = read_card(stem)
-    assert card["architecture"] == "gca_resunet"
+    assert name.startswith(card["architecture"] + "_")
+    others = [m for m in ("vunet", "reseg_unet", "pranet_v2", "iau_net", "gca_resunet") if m != card["architecture"]]
+    assert stem in bundled_weights(card["architecture"]) and all(stem not in bundled_weights(m) for m in others)
     assert card["training"]["licence"].startswith("CC BY-NC-SA 4.0")
     assert "non-commercial" in card["use"]["licence"] and "H&E" in card["use"]["for"]
+    assert card["use"]["licence_short"] == "H&E, CC BY-NC-SA: non-commercial"
     assert card["sha256"] == file_sha256(weights_paths(stem)[0])
     # scored on MoNuSeg images it never trained on, with the thresholds tuned there
     assert sorted(card["training"]["val_ids"]) == ["TCGA-21-5784-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1"]
     assert card["metrics"]["validation"]["n_images"] == 2 and card["decode"]["min_area"] >= 16
+    assert card["metrics"]["validation"]["mean"]["dice"] >= 0.80
 
 
 def test_resolve_weights_name(tmp_path, monkeypatch):
@@ -90,8 +101,11 @@ def test_widget_lists_bundled_domain_weights_with_their_licence():
     entry = choices[labels.index(f"bundled: {MONUSEG}, H&E, CC BY-NC-SA: non-commercial")]
     assert entry.value == str(resources.weights_dir() / MONUSEG)
     assert "for nuclei in H&E" in entry.description and "CC BY-NC-SA" in entry.description
-    assert not any(label.startswith("bundled:") for label in
-                   (c.label for c in widget_state.weights_choices("vunet")))
+    # every model lists exactly its own bundled weights besides the starter
+    for model in ("vunet", "reseg_unet", "pranet_v2", "iau_net"):
+        listed = [c.value for c in widget_state.weights_choices(model) if c.label.startswith("bundled:")]
+        expected = [str(s) for s in bundled_weights(model) if s != starter_weights(model)]
+        assert listed == expected
 
 
 def test_finetune_finds_bundled_domain_weights_of_a_run_by_sha256():
