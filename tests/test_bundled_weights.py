@@ -88,6 +88,18 @@ def test_cli_segment_by_bundled_name_takes_the_model_from_the_card(tmp_path, cap
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_cli_segment_runs_the_bundled_vunet_paper_preset_from_its_card(tmp_path, capsys):
+    """The card's config (paper preset: base width 16, VAEM) rebuilds the network, not the lite default."""
+    image = resources.sample_image_path("histology_he")
+    out = tmp_path / "he_vunet.zarr"
+    assert main(["segment", str(image), "--weights", "vunet_paper_monuseg2018", "-o", str(out), "--tta", "1",
+                 "--mc-samples", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["objects"] > 10
+    attrs = json.dumps(dict(zarr.open_group(str(out), mode="r").attrs))
+    assert "vunet_paper_monuseg2018" in attrs and read_card(resources.weights_dir() / "vunet_paper_monuseg2018")[
+        "sha256"] in attrs
+
+
 def test_cli_segment_refuses_weights_of_another_model_than_asked(tmp_path, capsys):
     image = resources.sample_image_path("histology_he")
     assert main(["segment", str(image), "-m", "vunet", "--weights", MONUSEG, "-o", str(tmp_path / "y.zarr")]) == 2
@@ -101,6 +113,9 @@ def test_widget_lists_bundled_domain_weights_with_their_licence():
     entry = choices[labels.index(f"bundled: {MONUSEG}, H&E, CC BY-NC-SA: non-commercial")]
     assert entry.value == str(resources.weights_dir() / MONUSEG)
     assert "for nuclei in H&E" in entry.description and "CC BY-NC-SA" in entry.description
+    vunet = [c.label for c in widget_state.weights_choices("vunet")]
+    assert vunet[:2] == ["starter: vunet_lite_dsb2018 (bundled)",
+                         "bundled: vunet_paper_monuseg2018, H&E, CC BY-NC-SA: non-commercial"]
     # every model lists exactly its own bundled weights besides the starter
     for model in ("vunet", "reseg_unet", "pranet_v2", "iau_net"):
         listed = [c.value for c in widget_state.weights_choices(model) if c.label.startswith("bundled:")]
