@@ -26,7 +26,7 @@ def _add_segment(sub) -> None:
     p.add_argument("input", help="image: .zarr folder (plain or OME-Zarr), .tif/.tiff, .png")
     p.add_argument("-m", "--model", help=f"model name ({MODEL_HELP}); default: the --weights' model, else vunet")
     p.add_argument("--weights", help="weights file (.safetensors with its .json card) or the name of bundled "
-                   "weights (e.g. gca_resunet_lite_monuseg2018 for H&E tissue); default: the bundled starter")
+                   "weights (e.g. vunet_paper_monuseg2018 for H&E tissue); default: the bundled starter")
     p.add_argument("-o", "--output", help="output .zarr folder; default: next to the input")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: chosen per model)")
     p.add_argument("--overlap", type=int, help="tile overlap / halo in pixels (default: chosen per model)")
