@@ -256,27 +256,33 @@ def test_screenshot_after_run_and_review(make_napari_viewer, qtbot, tmp_path):
     assert path.stat().st_size > 20_000
 
 
-def test_bundled_he_tissue_weights_are_offered_and_run(make_napari_viewer, qtbot, tmp_path):
-    """GCA-ResUNet offers its MoNuSeg (H&E tissue) weights beside the starter, licence in the label."""
+@pytest.mark.parametrize(("model", "name", "screenshot"), [
+    ("gca_resunet", "gca_resunet_lite_monuseg2018", "segment_he_tissue_weights"),
+    ("vunet", "vunet_paper_monuseg2018", "segment_he_tissue_weights_vunet_paper")])
+def test_bundled_he_tissue_weights_are_offered_and_run(make_napari_viewer, qtbot, tmp_path, model, name,
+                                                       screenshot):
+    """Each model with MoNuSeg (H&E tissue) weights offers them beside the starter, licence in the label."""
     from napari_medseg.core.resources import weights_dir
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 860)
     viewer.add_image(load_sample("histology_he"), name="tissue")
-    he = str(weights_dir() / "gca_resunet_lite_monuseg2018")
-    widget = open_widget(viewer, tmp_path, "gca_resunet", he)
+    he = str(weights_dir() / name)
+    widget = open_widget(viewer, tmp_path, model, he)
     form = widget.form
     items = [form.weights.itemText(i) for i in range(form.weights.count())]
-    assert items[:2] == ["starter: gca_resunet_lite_dsb2018 (bundled)",
-                         "bundled: gca_resunet_lite_monuseg2018, H&E, CC BY-NC-SA: non-commercial"]
-    assert form.weights.currentText().startswith("bundled: gca_resunet_lite_monuseg2018")
+    assert items[:2] == [f"starter: {model}_lite_dsb2018 (bundled)",
+                         f"bundled: {name}, H&E, CC BY-NC-SA: non-commercial"]
+    assert form.weights.currentText().startswith(f"bundled: {name}")
     assert form.tta.itemText(0) == "weights' default (8 views)"
     form.tta.setCurrentIndex(form.tta.findData(1))                  # one view: quicker on CI
+    if model == "vunet":
+        form.mc_samples.setValue(2)                                 # uncertainty from 2 samples: quicker on CI
     outcome = run_and_wait(widget, qtbot)
     assert OutputStore.open(outcome.output, mode="r").attrs["run"]["weights_sha256"] == read_card(he)["sha256"]
     assert int(np.max(np.asarray(viewer.layers["tissue labels"].data))) > 10
     viewer.reset_view()
-    save_screenshot(viewer, "segment_he_tissue_weights")
+    save_screenshot(viewer, screenshot)
 
 
 def test_state_is_remembered(make_napari_viewer, tmp_path):
