@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import zarr
-from src_models import read_card
+from src_models import list_models, read_card
 from src_models.weights_io import file_sha256, weights_paths
 
 from napari_medseg import widget_state
@@ -46,7 +46,7 @@ def test_bundled_monuseg_weights_carry_their_data_licence_and_hash(name):
     stem = resources.weights_dir() / name
     card = read_card(stem)
     assert name.startswith(card["architecture"] + "_")
-    others = [m for m in ("vunet", "reseg_unet", "pranet_v2", "iau_net", "gca_resunet") if m != card["architecture"]]
+    others = [m for m in list_models() if m != card["architecture"]]
     assert stem in bundled_weights(card["architecture"]) and all(stem not in bundled_weights(m) for m in others)
     assert card["training"]["licence"].startswith("CC BY-NC-SA 4.0")
     assert "non-commercial" in card["use"]["licence"] and "H&E" in card["use"]["for"]
@@ -117,7 +117,7 @@ def test_widget_lists_bundled_domain_weights_with_their_licence():
     assert vunet[:2] == ["starter: vunet_lite_dsb2018 (bundled)",
                          "bundled: vunet_paper_monuseg2018, H&E, CC BY-NC-SA: non-commercial"]
     # every model lists exactly its own bundled weights besides the starter
-    for model in ("vunet", "reseg_unet", "pranet_v2", "iau_net"):
+    for model in list_models():
         listed = [c.value for c in widget_state.weights_choices(model) if c.label.startswith("bundled:")]
         expected = [str(s) for s in bundled_weights(model) if s != starter_weights(model)]
         assert listed == expected
