@@ -8,6 +8,8 @@ probability maps, so only ``cache`` runs a network:
   python resources/figures/monuseg_aji_probes.py ensemble W [W ...]     # mean of the maps, decoding re-tuned
   python resources/figures/monuseg_aji_probes.py oracle W               # ground-truth seeds or mask swapped in
   python resources/figures/monuseg_aji_probes.py errors W               # merges, splits, misses per image
+  python resources/figures/monuseg_aji_probes.py decoders W             # other seedings, concave splits
+  python resources/figures/monuseg_aji_probes.py samples W              # segment's Monte-Carlo default
 
 W is a weights stem (``resources/weights/vunet_paper_monuseg2018``); maps are cached under
 ``$MEDSEG_PROBE_CACHE`` (default ``/tmp/medseg-aji-probes``) by the stem's name.
@@ -19,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import gaussian
+from skimage.measure import regionprops
+from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from napari_medseg.core.datasets import load_folder, split
@@ -116,6 +121,85 @@ def errors(stem: str) -> None:
                      "missed": int((iou.max(1) < 0.1).sum()), "false": int((iou.max(0) < 0.1).sum())})
 
 
+def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+    areas = np.bincount(labels.ravel())
+    return np.where(areas[labels] >= min_area, labels, 0)
+
+
+def _contrast_seeds(p: np.ndarray, fg: float, t: float, sigma: float) -> np.ndarray:
+    """Seeds where p(interior) − p(boundary), smoothed by ``sigma`` px, exceeds ``t``."""
+    mask = (p[1] + p[2]) > fg
+    contrast = gaussian(p[1] - p[2], sigma) if sigma else p[1] - p[2]
+    markers = _drop_small(ndi.label((contrast > t) & mask)[0], 10)
+    return _drop_small(watershed(-contrast, markers, mask=mask), 48)
+
+
+def _distance_seeds(p: np.ndarray, fg: float, t: float, h: float, of_mask: bool) -> np.ndarray:
+    """Seeds at h-maxima of the distance transform of the core (p(interior) > t) or of the mask."""
+    mask = (p[1] + p[2]) > fg
+    core = (p[1] > t) & mask
+    distance = ndi.distance_transform_edt(mask) * core if of_mask else ndi.distance_transform_edt(core)
+    distance = gaussian(distance, 1.0)
+    markers = ndi.label(h_maxima(distance, h) & (mask if of_mask else core))[0]
+    return _drop_small(watershed(-distance, markers, mask=mask), 48)
+
+
+def _split_concave(labels: np.ndarray, solidity: float, h: float, min_area: int) -> np.ndarray:
+    """Objects less solid than ``solidity`` cut at h-maxima of their own distance transform."""
+    out, next_id = labels.copy(), int(labels.max()) + 1
+    for region in regionprops(labels):
+        if region.solidity >= solidity or region.area < 2 * min_area:
+            continue
+        distance = ndi.distance_transform_edt(np.pad(region.image, 1))[1:-1, 1:-1]
+        peaks, n = ndi.label(h_maxima(distance, h) & region.image)
+        parts = watershed(-distance, peaks, mask=region.image) if n > 1 else None
+        if parts is None or np.bincount(parts.ravel())[1:].min() < min_area:
+            continue
+        window = out[region.slice]
+        for k in range(2, n + 1):
+            window[parts == k] = next_id
+            next_id += 1
+    return out
+
+
+def samples(stem: str) -> None:
+    """AJI of maps with 8 views and 8 or 2 Monte-Carlo samples (what ``segment`` runs by default)
+    against the deterministic maps that ``evaluate`` scores."""
+    from napari_medseg.core.inference import InferenceSettings
+    model, card = load_weights(stem)
+    settings = decode_settings_for(card)
+    print("deterministic", scores([decode_instances(p, settings) for p in maps_of(stem)]))
+    for count in (8, 2):
+        engine = InferenceSettings(probs_dtype="float32", prefetch=False, mc_samples=count, tta=8)
+        maps = [predict_probabilities(model, s.image, card, settings=engine) for s in SAMPLES]
+        print(count, "Monte-Carlo samples", scores([decode_instances(p, settings) for p in maps]))
+
+
+def decoders(stem: str) -> None:
+    """The best AJI of each alternative decoding over its grid, and the product's for comparison."""
+    import itertools
+    settings = decode_settings_for(read_card(stem))
+    maps = maps_of(stem)
+    product = [decode_instances(p, settings) for p in maps]
+    print("product decoding", scores(product))
+    for fg in (0.75, 0.8):
+        print("product, foreground", fg,
+              scores([decode_instances(p, dataclasses.replace(settings, foreground_threshold=fg)) for p in maps]))
+    trials = {
+        "interior - boundary seeds": [lambda p, a=a: _contrast_seeds(p, *a) for a in itertools.product(
+            (0.5, 0.6, 0.7), (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), (0, 1.0, 2.0))],
+        "core distance h-maxima": [lambda p, a=a: _distance_seeds(p, *a, False) for a in itertools.product(
+            (0.5, 0.6, 0.7), (0.3, 0.5, 0.7), (0.5, 1.0, 2.0, 3.0))],
+        "mask distance h-maxima": [lambda p, a=a: _distance_seeds(p, *a, True) for a in itertools.product(
+            (0.5, 0.6, 0.7), (0.3, 0.5, 0.7), (0.5, 1.0, 2.0, 3.0))],
+    }
+    for name, decodes in trials.items():
+        print(name, max((scores([decode(p) for p in maps]) for decode in decodes), key=lambda s: s["aji"]))
+    splits = (scores([_split_concave(b, *a) for b in product])
+              for a in itertools.product((0.8, 0.85, 0.9), (1.0, 2.0, 3.0), (30, 60)))
+    print("product + concave splits", max(splits, key=lambda s: s["aji"]))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "cache":
@@ -126,4 +210,5 @@ if __name__ == "__main__":
         soup(args[0], args[1:])
     else:
         {"ensemble": lambda: ensemble(args), "oracle": lambda: oracle(args[0]),
-         "errors": lambda: errors(args[0])}[command]()
+         "errors": lambda: errors(args[0]), "decoders": lambda: decoders(args[0]),
+         "samples": lambda: samples(args[0])}[command]()
