@@ -15,6 +15,7 @@ W is a weights stem (``resources/weights/vunet_paper_monuseg2018``); maps are ca
 ``$MEDSEG_PROBE_CACHE`` (default ``/tmp/medseg-aji-probes``) by the stem's name.
 """
 import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from skimage.segmentation import watershed
 
 from napari_medseg.core.datasets import load_folder, split
 from napari_medseg.core.decode_tuning import GRID, THRESHOLD_KNOBS, decode_settings_for, search_thresholds
+from napari_medseg.core.inference import InferenceSettings
 from napari_medseg.core.instances import decode_instances
 from napari_medseg.core.metrics import instance_metrics
 from napari_medseg.core.validation import predict_probabilities
@@ -165,7 +167,6 @@ def _split_concave(labels: np.ndarray, solidity: float, h: float, min_area: int)
 def samples(stem: str) -> None:
     """AJI of maps with 8 views and 8 or 2 Monte-Carlo samples (what ``segment`` runs by default)
     against the deterministic maps that ``evaluate`` scores."""
-    from napari_medseg.core.inference import InferenceSettings
     model, card = load_weights(stem)
     settings = decode_settings_for(card)
     print("deterministic", scores([decode_instances(p, settings) for p in maps_of(stem)]))
@@ -177,7 +178,6 @@ def samples(stem: str) -> None:
 
 def decoders(stem: str) -> None:
     """The best AJI of each alternative decoding over its grid, and the product's for comparison."""
-    import itertools
     settings = decode_settings_for(read_card(stem))
     maps = maps_of(stem)
     product = [decode_instances(p, settings) for p in maps]
