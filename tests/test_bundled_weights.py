@@ -52,8 +52,10 @@ def test_bundled_monuseg_weights_carry_their_data_licence_and_hash(name):
     assert "non-commercial" in card["use"]["licence"] and "H&E" in card["use"]["for"]
     assert card["use"]["licence_short"] == "H&E, CC BY-NC-SA: non-commercial"
     assert card["sha256"] == file_sha256(weights_paths(stem)[0])
-    # scored on MoNuSeg images it never trained on, with the thresholds tuned there
-    assert sorted(card["training"]["val_ids"]) == ["TCGA-21-5784-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1"]
+    # scored on MoNuSeg images it never trained on, with the thresholds tuned there (the V-UNet
+    # weights also hold out the 16 DSB2018 H&E validation images of their wider training folder)
+    held_out_tissue = sorted(i for i in card["training"]["val_ids"] if i.startswith("TCGA-"))
+    assert held_out_tissue == ["TCGA-21-5784-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1"]
     assert card["metrics"]["validation"]["n_images"] == 2 and card["decode"]["min_area"] >= 16
     assert card["metrics"]["validation"]["mean"]["dice"] >= 0.80
 
