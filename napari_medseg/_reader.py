@@ -1,4 +1,5 @@
-"""napari reader contribution: ``.zarr`` folders (plain, OME-Zarr, MedSeg outputs) and TIFFs, lazily.
+"""napari reader contribution: ``.zarr`` folders (plain, OME-Zarr, MedSeg outputs) and TIFFs
+(whole-slide SVS, NDPI, SCN included), lazily.
 
 A MedSeg output store opens as its input image (when still on disk), its maps and its editable
 labels; any other zarr or TIFF opens as one image layer (multiscale when it has a pyramid) with
@@ -9,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ZARR_SUFFIXES = (".zarr",)
-TIFF_SUFFIXES = (".tif", ".tiff")
+# TIFF and the whole-slide formats built on it that tifffile reads (Aperio, Hamamatsu, Leica, BigTIFF)
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf", ".tf8", ".tf2")
 
 
 def get_reader(path):

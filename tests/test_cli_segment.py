@@ -114,3 +114,24 @@ def test_dask_two_workers_identical_to_single_process(tmp_path, capsys):
     assert np.array_equal(np.asarray(a.labels()[:]), np.asarray(b.labels()[:]))
     assert np.array_equal(np.asarray(a.array("probs")[:]), np.asarray(b.array("probs")[:]))
     assert np.asarray(a.labels()[:]).max() > 0
+
+
+def test_whole_slide_svs_segmented_and_measured_in_micrometres(tmp_path, capsys):
+    """An Aperio SVS goes through segment and export like any TIFF; its MPP reaches the output
+    store and the object table's areas in µm²."""
+    import pandas as pd
+
+    from slide_fixtures import write_aperio_svs
+
+    write_aperio_svs(tmp_path / "slide.svs", np.stack([load_sample("fluorescence_large")] * 3, -1))
+    out = tmp_path / "slide.medseg.zarr"
+    assert main(["segment", str(tmp_path / "slide.svs"), "-m", "reseg_unet", "--weights", "random",
+                 "-o", str(out), "--tile", "256", "--tta", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == "complete"
+    store = OutputStore.open(out, mode="r")
+    assert store.layout.pixel_size == pytest.approx((0.252, 0.252)) and store.layout.unit == "micrometer"
+    assert main(["export", str(out), "-o", str(tmp_path / "objects.csv")]) == 0
+    table = pd.read_csv(tmp_path / "objects.csv")
+    ids = np.unique(store.labels())
+    assert "area_um2" in table.columns and len(table) == (ids > 0).sum() > 0
+    assert table["area_um2"].to_numpy() == pytest.approx(table["area"].to_numpy() * 0.252 ** 2)

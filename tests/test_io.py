@@ -12,6 +12,8 @@ import zarr
 from napari_medseg.core.image_sample import statistics_sample
 from napari_medseg.core.io import ImageInputError, ImageNotFoundError, guess_axes, open_image
 
+from slide_fixtures import blocky_rgb, write_aperio_svs
+
 RNG = np.random.default_rng(0)
 GREY = RNG.integers(0, 60000, (70, 90)).astype(np.uint16)
 RGB = RNG.integers(0, 255, (70, 90, 3)).astype(np.uint8)
@@ -157,3 +159,45 @@ def test_3d_and_4d_data_ask_which_plane():
     np.testing.assert_array_equal(source.read_region(0, 32, 0, 32), hyper[1])
     singleton = open_image(np.zeros((1, 1, 16, 16), np.uint8), axes="tzyx")
     assert singleton.shape == (16, 16)
+
+
+# ----------------------------------------------------------------------------- whole slides, pixel size
+def test_aperio_svs_opens_with_its_pyramid_and_micrometres_per_pixel(tmp_path):
+    image = blocky_rgb()
+    write_aperio_svs(tmp_path / "slide.svs", image)
+    source = open_image(tmp_path / "slide.svs")
+    assert source.levels == ((512, 512), (128, 128)) and source.channels == 3
+    assert source.pixel_size == (0.252, 0.252) and source.unit == "micrometer"
+    region = source.read_region(40, 200, 100, 300).astype(int)
+    expected = image[40:200, 100:300].transpose(2, 0, 1).astype(int)
+    assert np.abs(region - expected).mean() < 3    # JPEG, lossy
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("ome", ((0.4, 0.5), "micrometer")),
+    ("ome-nm", ((400.0, 500.0), "nanometer")),
+    ("imagej", ((0.3, 0.3), "micrometer")),
+    ("centimetre tags", ((0.46, 0.46), "micrometer")),
+    ("inch tags", ((0.5, 0.5), "micrometer")),
+    ("72 dpi", (None, None)),         # a document default, not a microscope's pixel
+    ("no resolution", (None, None)),
+])
+def test_tiff_pixel_size_comes_from_its_metadata(tmp_path, kind, expected):
+    path = tmp_path / ("img.ome.tif" if kind.startswith("ome") else "img.tif")
+    options = {
+        "ome": {"metadata": {"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.4}},
+        "ome-nm": {"metadata": {"axes": "YX", "PhysicalSizeX": 500, "PhysicalSizeXUnit": "nm",
+                                "PhysicalSizeY": 400, "PhysicalSizeYUnit": "nm"}},
+        "imagej": {"imagej": True, "resolution": (1 / 0.3, 1 / 0.3), "metadata": {"unit": "um"}},
+        "centimetre tags": {"resolution": (1e4 / 0.46, 1e4 / 0.46), "resolutionunit": "CENTIMETER"},
+        "inch tags": {"resolution": (25_400 / 0.5, 25_400 / 0.5), "resolutionunit": "INCH"},
+        "72 dpi": {"resolution": (72, 72), "resolutionunit": "INCH"},
+        "no resolution": {},
+    }[kind]
+    tifffile.imwrite(path, GREY, **options)
+    source = open_image(path)
+    if expected[0] is None:
+        assert source.pixel_size is None and source.unit is None
+    else:
+        assert source.pixel_size == pytest.approx(expected[0]) and source.unit == expected[1]
+    np.testing.assert_array_equal(source.read_region(*REGION)[0], GREY[5:41, 17:80])

@@ -372,3 +372,13 @@ def test_weights_choices_offer_fine_tuned_versions_and_the_active_one_first(tmp_
     # other models are untouched by this model's versions
     assert not any(c.label.startswith(("active:", "fine-tuned:"))
                    for c in widget_state.weights_choices("iau_net"))
+
+
+def test_reader_opens_a_whole_slide_svs_at_its_physical_scale(tmp_path):
+    from slide_fixtures import blocky_rgb, write_aperio_svs
+
+    write_aperio_svs(tmp_path / "slide.svs", blocky_rgb())
+    layer = ViewerModel().open(tmp_path / "slide.svs", plugin="napari-medseg")[0]
+    assert layer.name == "slide" and layer.rgb and layer.multiscale
+    assert [level.shape for level in layer.data] == [(512, 512, 3), (128, 128, 3)]
+    assert tuple(layer.scale) == pytest.approx((0.252, 0.252))

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .tiff_metadata import tiff_pixel_size
+
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf", ".tf8", ".tf2")
 
 
@@ -252,8 +254,9 @@ def _ngff_pixel_size(meta: dict) -> tuple[tuple[float, float] | None, str | None
     return None, None
 
 
-def _open_tiff(path: Path, series_index: int) -> tuple[list, str, None, None]:
-    """Every pyramid level of one TIFF series as a zarr array, with tifffile's axes."""
+def _open_tiff(path: Path, series_index: int) -> tuple[list, str, Any, Any]:
+    """Every pyramid level of one TIFF series as a zarr array, with tifffile's axes and the
+    pixel size its metadata gives (:func:`.tiff_metadata.tiff_pixel_size`)."""
     import tifffile
     import zarr
 
@@ -268,7 +271,8 @@ def _open_tiff(path: Path, series_index: int) -> tuple[list, str, None, None]:
     arrays = [zarr.open(series.aszarr(level=k), mode="r") for k in range(len(series.levels))]
     # tifffile letters: S = samples (RGB), C = channels, Y/X, and Z/T/Q/I... for other axes.
     axes = series.axes.lower().replace("s", "c")
-    return arrays, axes, None, None
+    pixel_size, unit = tiff_pixel_size(tif, series_index)
+    return arrays, axes, pixel_size, unit
 
 
 # ----------------------------------------------------------------------------- axes
