@@ -23,7 +23,7 @@ def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment an image (zarr, OME-Zarr, TIFF, PNG) tile by tile",
                        description="Segment a 2D image of any size tile by tile into a zarr group holding "
                        "class probabilities, instance labels and the model's uncertainty or background maps.")
-    p.add_argument("input", help="image: .zarr folder (plain or OME-Zarr), .tif/.tiff, .png")
+    p.add_argument("input", help="image: .zarr folder (plain or OME-Zarr), .tif/.tiff, .svs/.ndpi/.scn, .png")
     p.add_argument("-m", "--model", help=f"model name ({MODEL_HELP}); default: the --weights' model, else vunet")
     p.add_argument("--weights", help="weights file (.safetensors with its .json card) or the name of bundled "
                    "weights (e.g. vunet_paper_monuseg2018 for H&E tissue); default: the bundled starter")
@@ -37,6 +37,10 @@ def _add_segment(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples for V-UNet uncertainty (0 = off)")
     p.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help=TTA_HELP)
+    p.add_argument("--scale", type=float,
+                   help="resample tiles by this factor before the model and back (model pixels per image "
+                        "pixel: 2 runs 40x weights on a 20x slide; 1 = never); default: from the image's "
+                        "pixel size and the weights' training pixel size when both are known")
     p.add_argument("--region", help="only this region, as y0:y1,x0:x1")
     p.add_argument("--channel-axis", type=int, help="which axis holds channels (default: detected)")
     p.add_argument("--workers", type=int, help="run on a local Dask cluster with N worker processes")

@@ -91,7 +91,7 @@ def run_segment(args) -> None:
         tile=args.tile, overlap=args.overlap, batch_size=args.batch,
         device="cpu" if (args.workers or args.scheduler) and args.device == "auto" else args.device,
         mc_samples=args.mc_samples, region=parse_region(args.region), overwrite=args.overwrite,
-        superblock=args.superblock, tta=args.tta)
+        superblock=args.superblock, tta=args.tta, scale=args.scale)
     if not Path(args.input).exists():
         raise CLIError(f"input {args.input} does not exist")
     args.model = args.model or model_of_weights(args.weights) or "vunet"
@@ -144,19 +144,20 @@ def _read_label_file(path: str, what: str):
 
 def _finetune_inputs(args) -> dict:
     """Image, labels, model labels, support, reviewed rectangles and normalisation from the args."""
-    from .core.finetune_data import run_normalization
+    from .core.finetune_data import run_normalization, run_scale
     from .core.io import open_image
     from .core.rerun import model_labels as stored_model_labels
     from .core.store import OutputStore, is_engine_store
 
     if not (args.weights and args.image and args.labels):
         raise CLIError("finetune needs --weights, --image and --labels (or --versions MODEL)")
-    inputs = {"normalization": None, "model_labels": None, "support": None}
+    inputs = {"normalization": None, "model_labels": None, "support": None, "scale": 1.0}
     if is_engine_store(args.labels):
         store = OutputStore.open(args.labels, mode="r")
         inputs["labels"] = store.labels()
         inputs["model_labels"] = stored_model_labels(store)
         inputs["normalization"] = run_normalization(store.attrs.get("run", {}))
+        inputs["scale"] = run_scale(store.attrs.get("run", {}))
     else:
         inputs["labels"] = _read_label_file(args.labels, "--labels")
     if args.model_labels:
@@ -204,7 +205,7 @@ def run_finetune(args) -> None:
     result = drain(finetune_job(args.weights, inputs["image"], inputs["labels"], inputs["model_labels"],
                                 reviewed=inputs["reviewed"], support=inputs["support"],
                                 normalization=inputs["normalization"], settings=settings,
-                                out=args.out), bar)
+                                out=args.out, scale=inputs["scale"]), bar)
     bar.close()
     info = result.card["finetune"]
     if args.adopt:

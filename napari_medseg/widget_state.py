@@ -36,6 +36,7 @@ class SegmentState:
     overlap: int = -1
     mc_samples: int = 8
     tta: int = 0                  # test-time views; 0 = the weights card's choice
+    scale: float = 0.0            # resampling factor; 0 = from the pixel sizes
     area: str = "whole"
     output_folder: str = ""
 

@@ -68,6 +68,15 @@ class SegmentForm(QWidget):
                             (8, "8 views (flips + transposes)")):
             self.tta.addItem(text, views)
         form.addRow("Test-time flips", self.tta)
+        self.scale = QComboBox(toolTip="Resample tiles to the pixel size the weights were trained at "
+                                       "(model pixels per image pixel; maps and labels stay on the "
+                                       "image's grid). auto: from the image's pixel size and the "
+                                       "weights' (H&E weights: 0.25 µm, 40x), when both are known")
+        for factor, text in ((0.0, "auto (pixel sizes)"), (1.0, "off (as stored)"),
+                             (2.0, "2x (e.g. 20x slide, 40x weights)"), (4.0, "4x (e.g. 10x slide)"),
+                             (0.5, "0.5x (e.g. 80x scan)")):
+            self.scale.addItem(text, factor)
+        form.addRow("Resample", self.scale)
         self.area = QComboBox(toolTip="Segment the whole image, or only the part visible in the "
                                       "canvas (grown to whole 512-pixel chunks)")
         self.area.addItem("whole image", "whole")
@@ -78,7 +87,7 @@ class SegmentForm(QWidget):
         self._restore()
         self.model.currentIndexChanged.connect(self._on_model)
         self.weights.activated.connect(self._on_weights)
-        for widget in (self.device, self.area, self.weights, self.tta):
+        for widget in (self.device, self.area, self.weights, self.tta, self.scale):
             widget.currentIndexChanged.connect(self.changed)
         self.weights.currentIndexChanged.connect(self._show_default_tta)
         for spin in (self.tile, self.overlap, self.mc_samples):
@@ -97,6 +106,10 @@ class SegmentForm(QWidget):
         """Chosen test-time views, or None for the weights card's default."""
         return self.tta.currentData() or None
 
+    def scale_value(self) -> float | None:
+        """Chosen resampling factor, or None for automatic (from pixel sizes)."""
+        return self.scale.currentData() or None
+
     def offers_uncertainty(self) -> bool:
         return "uncertainty" in model_class(self.model_name()).aux_kinds
 
@@ -110,13 +123,14 @@ class SegmentForm(QWidget):
         state.tile, state.overlap = self.tile.value(), self.overlap.value()
         state.mc_samples = self.mc_samples.value()
         state.tta = self.tta.currentData()
+        state.scale = self.scale.currentData()
         state.area = self.area.currentData()
         state.output_folder = self.output.text().strip()
         return state
 
     def set_running(self, running: bool) -> None:
         for widget in (self.image, self.model, self.weights, self.device, self.tile, self.overlap,
-                       self.tta, self.area, self.output):
+                       self.tta, self.scale, self.area, self.output):
             widget.setEnabled(not running)
         self.mc_samples.setEnabled(not running and self.offers_uncertainty())
 
@@ -127,6 +141,7 @@ class SegmentForm(QWidget):
         _select(self.device, s.device)
         _select(self.area, s.area)
         _select(self.tta, s.tta)
+        _select(self.scale, s.scale)
         self.tile.setValue(s.tile)
         self.overlap.setValue(s.overlap)
         self.mc_samples.setValue(s.mc_samples)

@@ -23,7 +23,7 @@ from src_models import read_card
 from ..core import versions
 from ..core.devices import available_devices
 from ..core.finetune import FinetuneSettings, finetune_job
-from ..core.finetune_data import run_normalization
+from ..core.finetune_data import run_normalization, run_scale
 from ..core.rerun import compare_job, model_labels, rerun_job
 from ..core.resources import starter_weights
 from ..finetune_layers import (FinetuneError, RunContext, capped_view, reviewed_mask, reviewed_regions,
@@ -188,10 +188,11 @@ class FinetuneWidget(QWidget):
             return
         settings = FinetuneSettings(steps=self.steps.value(), time_budget_s=self.budget.value() or None,
                                     device=self.device.currentData())
-        norm = run_normalization(context.store.attrs.get("run", {}))
+        run = context.store.attrs.get("run", {})
+        norm, scale = run_normalization(run), run_scale(run)
         labels = context.layer.data
         self._start(lambda: finetune_job(parent, source, labels, model, reviewed=reviewed,
-                                         normalization=norm, settings=settings),
+                                         normalization=norm, settings=settings, scale=scale),
                     f"MedSeg: fine-tune {context.architecture}", self._finetuned)
 
     def _finetuned(self, result) -> None:

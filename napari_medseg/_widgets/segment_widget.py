@@ -170,7 +170,7 @@ class SegmentWidget(QWidget):
             tile=self.form.tile.value() or None, overlap=None if overlap < 0 else overlap,
             device=self.form.device.currentData(), region=region,
             mc_samples=self.form.mc_samples.value() if self.form.offers_uncertainty() else 0,
-            tta=self.form.tta_views(), **self.advanced_settings)
+            tta=self.form.tta_views(), scale=self.form.scale_value(), **self.advanced_settings)
         output = output_path(path, name, model, self.form.output.text().strip())
         return SegmentRequest(source, model, self.form.weights_value(), output, settings,
                               display_name=name)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from .decode_tuning import decode_settings_for
+from .resolution import decode_at_scale
 from .inference import InferenceSettings, finish_run, prepare_run, process_block
 from .blockwise import block_regions, decode_block
 from .instances import DecodeSettings
@@ -70,9 +71,9 @@ def run_on_cluster(client, source, ref: ModelRef, output, settings: InferenceSet
 
     started = time.perf_counter()
     model, card = load_model(ref.name, ref.weights, "cpu")
-    decode = decode or decode_settings_for(card)
     prepared = prepare_run(source, model, card, output, settings)
     plan, store = prepared.plan, prepared.store
+    decode = decode or decode_at_scale(decode_settings_for(card), plan.scale)
     todo = [b for b in plan.blocks if not store.is_done(b.region, "maps")]
     futures = [client.submit(_maps_task, prepared.source, plan, b, ref, pure=False) for b in todo]
     for done, _ in enumerate(as_completed(futures), 1):

@@ -141,13 +141,13 @@ def _check_three_classes(model, parent) -> None:
 # ----------------------------------------------------------------------------- the whole job
 def finetune_job(parent, image, labels, model_labels=None, *, reviewed=(), support=None,
                  normalization=None, settings: FinetuneSettings = FinetuneSettings(), out=None,
-                 root=None, cells=None) -> JobGenerator[FinetuneResult]:
+                 root=None, cells=None, scale: float = 1.0) -> JobGenerator[FinetuneResult]:
     """Detect edits, build training data, fine-tune, write a new version.
 
     Args:
         parent: weights stem of the run's weights (only read).
-        image, labels, model_labels, reviewed, support, normalization, cells: see
-            :func:`.finetune_data.build_edit_data`.
+        image, labels, model_labels, reviewed, support, normalization, cells, scale: see
+            :func:`.finetune_data.build_edit_data` (``scale``: the run's, :func:`.finetune_data.run_scale`).
         settings: the schedule.
         out: write the weights to this stem instead of a new version in the model folder.
         root: model folder (default :func:`.versions.models_dir`).
@@ -165,7 +165,8 @@ def finetune_job(parent, image, labels, model_labels=None, *, reviewed=(), suppo
                            crop=crop, reviewed=reviewed, support=support, normalization=normalization,
                            card=card, context=settings.context, ring=settings.ring,
                            boundary_width=settings.boundary_width,
-                           holdout_fraction=settings.holdout_fraction, seed=settings.seed, cells=cells)
+                           holdout_fraction=settings.holdout_fraction, seed=settings.seed, cells=cells,
+                           scale=scale)
     del probe
     yield Progress("edits", 1, 1, f"found {data.edits.describe()}: {len(data.items)} training and "
                    f"{len(data.holdout)} held-out windows")

@@ -22,6 +22,7 @@ from .augment import TrainItem
 from .edits import Box, EditError, EditSet, as_reviewed, detect_edits, support_mask
 from .io import open_image
 from .normalize import Normalization, apply_range, to_model_channels
+from .resolution import model_size, resample
 from .targets import instances_to_classes
 
 SCALE_MARGIN = 1.25      # the augmentation cuts regions up to crop / 0.8 before resizing
@@ -59,7 +60,7 @@ def build_edit_data(image, labels, model_labels=None, *, in_channels: int, crop:
                     reviewed=(), support=None, normalization: Normalization | None = None,
                     card: dict | None = None, context: int = 32, ring: int = 4,
                     boundary_width: int = 1, holdout_fraction: float = 0.2, seed: int = 0,
-                    cells=None) -> EditData:
+                    cells=None, scale: float = 1.0) -> EditData:
     """Detect the edits and cut training windows around them.
 
     Args:
@@ -78,6 +79,9 @@ def build_edit_data(image, labels, model_labels=None, *, in_channels: int, crop:
         context, ring, boundary_width: see the module docstring and :func:`.edits.support_mask`.
         holdout_fraction: share of windows held back (when there are enough).
         cells: chunk indices holding every edit (optional speed-up, see :func:`.edits.detect_edits`).
+        scale: model pixels per image pixel of the run (:func:`run_scale`): windows are resampled
+            to the weights' own pixel size, as inference resampled its tiles (``crop`` and
+            ``context`` are on the model's grid).
 
     Raises:
         EditError: nothing to learn from, or arrays that do not belong together.
@@ -101,11 +105,11 @@ def build_edit_data(image, labels, model_labels=None, *, in_channels: int, crop:
                         "split, merge) or draw a rectangle around a region you reviewed, then "
                         "fine-tune again")
     norm, norm_info = _normalization(source, in_channels, card, normalization)
-    windows = plan_windows(edit_set, shape, crop, context, support)
+    windows = plan_windows(edit_set, shape, max(8, round(crop / scale)), round(context / scale), support)
     items, kept, supervised = [], [], 0
     for window in windows:
         item = _window_item(source, labels, model_labels, edit_set, support, window, in_channels,
-                            norm, ring, boundary_width)
+                            norm, ring, boundary_width, scale)
         if item is not None:
             items.append(item)
             kept.append(window)
@@ -171,7 +175,7 @@ def _contains(outer: Box, inner: Box) -> bool:
 
 
 def _window_item(source, labels, model_labels, edit_set, support, window, in_channels, norm,
-                 ring, boundary_width) -> TrainItem | None:
+                 ring, boundary_width, scale: float = 1.0) -> TrainItem | None:
     y0, y1, x0, x1 = window
     current = np.asarray(labels[y0:y1, x0:x1]).astype(np.int64)
     valid = np.zeros(current.shape, bool)
@@ -186,10 +190,26 @@ def _window_item(source, labels, model_labels, edit_set, support, window, in_cha
     if not valid.any():
         return None
     raw = source.read_region(y0, y1, x0, x1)
-    x = apply_range(to_model_channels(raw, in_channels), norm)
+    x = torch.from_numpy(apply_range(to_model_channels(raw, in_channels), norm))
+    if scale != 1:   # to the model's grid: the image bilinear, labels and support nearest
+        size = model_size(current.shape, scale)
+        x = resample(x[None], size)[0]
+        current, valid = (_nearest(a, size) for a in (current, valid))
     classes = instances_to_classes(current, boundary_width)
-    return TrainItem(torch.from_numpy(x).half(), torch.from_numpy(classes),
+    return TrainItem(x.half(), torch.from_numpy(classes),
                      torch.from_numpy(valid.astype(np.uint8)), 1.0, current.astype(np.int32))
+
+
+def _nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``array`` resampled to ``size`` by taking the pixel under each new pixel's centre."""
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * array.shape[0] / size[0]).astype(int), array.shape[0] - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * array.shape[1] / size[1]).astype(int), array.shape[1] - 1)
+    return array[rows][:, cols]
+
+
+def run_scale(run: dict) -> float:
+    """Model pixels per image pixel a stored run resampled its tiles by (1 when it did not)."""
+    return float((run or {}).get("scale") or 1.0)
 
 
 def _normalization(source, in_channels, card, given) -> tuple[Normalization, dict]:

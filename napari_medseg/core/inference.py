@@ -57,6 +57,7 @@ class RunResult:
         seconds: wall time of the call; forward_seconds: time in forward passes;
         read_wait_seconds / write_wait_seconds: time compute waited on I/O.
         warnings: automatic adjustments and input problems, one line each.
+        scale: model pixels per image pixel the tiles were resampled by (1: not resampled).
     """
 
     output: str
@@ -75,6 +76,7 @@ class RunResult:
     read_wait_seconds: float
     write_wait_seconds: float
     warnings: tuple[str, ...]
+    scale: float = 1.0
 
 
 def process_block(source, model, plan: RunPlan, block: Block, device=None) -> BlockReport:
@@ -273,7 +275,7 @@ class _Run:
             tiles=plan.tiles, normalization=self.prepared.normalization, seconds=seconds,
             forward_seconds=self.runner.forward_seconds, read_wait_seconds=self.waits["read"],
             write_wait_seconds=self.waits["write"],
-            warnings=tuple(self.prepared.warnings) + tuple(self.runner.warnings))
+            warnings=tuple(self.prepared.warnings) + tuple(self.runner.warnings), scale=plan.scale)
 
 
 def _tiles(plan: RunPlan, block: Block) -> list:

@@ -17,6 +17,7 @@ from .devices import pick_device as choose_device
 from .image_sample import statistics_sample
 from .io import ImageInputError, ImageSource, open_image
 from .normalize import Normalization, percentile_range, to_model_channels
+from .resolution import check_scale, image_grid_tiles, resolve_scale
 from .store import MapInfo, OutputStore, StoreLayout, default_output_path
 from .test_time import check_views
 from .tiling import Block, TileSettings, default_tile_settings, superblocks
@@ -58,6 +59,9 @@ class InferenceSettings:
         tta: test-time augmentation views averaged per tile, 1 (off), 2, 4 or 8 (flips and
             transposes, :mod:`.test_time`); None: the card's ``"inference": {"tta": N}``, else 1.
             Each view costs one more forward pass.
+        scale: model pixels per image pixel: tiles are resampled by it before the network and the
+            maps back (:mod:`.resolution`); None: from the image's and the weights' pixel sizes
+            (:func:`.resolution.resolve_scale`), 1 = never resample.
     """
 
     mode: str | None = None
@@ -78,10 +82,12 @@ class InferenceSettings:
     seed: int = 0
     normalization: Normalization | None = None
     tta: int | None = None
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.tta is not None:
             check_views(self.tta)
+        check_scale(self.scale)
         for name in ("tile", "overlap", "batch_size"):
             value = getattr(self, name)
             if value is not None and (value < (0 if name == "overlap" else 1)):
@@ -108,6 +114,7 @@ class RunPlan:
         maps: maps written (``probs`` first).
         mc_samples, batch_size, skip_threshold, seed: as in :class:`InferenceSettings`.
         tta: views averaged per tile (resolved: 1, 2, 4 or 8).
+        scale: model pixels per image pixel (resolved; ``tiles`` are on the image's grid).
     """
 
     output: str
@@ -122,6 +129,7 @@ class RunPlan:
     skip_threshold: float
     seed: int
     tta: int = 1
+    scale: float = 1.0
 
 
 @dataclass
@@ -214,14 +222,16 @@ def prepare_run(source, model, card: dict | None, output, settings: InferenceSet
     in_channels = model.config.in_channels
     _check_channels(source, in_channels)
     norm, norm_info, nonfinite = resolve_normalization(source, in_channels, card, settings.normalization)
-    tiles = default_tile_settings(model, card, mode=settings.mode, tile=settings.tile,
-                                  overlap=settings.overlap)
-    warnings = _plan_warnings(model, tiles, superblock, nonfinite)
+    model_tiles = default_tile_settings(model, card, mode=settings.mode, tile=settings.tile,
+                                        overlap=settings.overlap)
+    scale, resampled = resolve_scale(settings.scale, card, source)
+    tiles = image_grid_tiles(model_tiles, scale)
+    warnings = _plan_warnings(model, tiles, superblock, nonfinite) + ([resampled] if resampled else [])
     output = _output_path(source, output, architecture)
     layout = StoreLayout(source.shape, settings.chunk, superblock, maps,
                          settings.probs_dtype, settings.maps_dtype, source.pixel_size, source.unit)
     tta = resolve_tta(card, settings.tta)
-    run_key = _run_key(architecture, card, model, tiles, settings, norm_info, source, tta)
+    run_key = _run_key(architecture, card, model, tiles, settings, norm_info, source, tta, scale)
     run = {**run_key, **_environment(), "device": str(device),
            "weights_path": card.get("weights_path"), "weights_version": card.get("version"),
            "halo_covers_receptive_field": tiles.covers_receptive_field,
@@ -232,8 +242,8 @@ def prepare_run(source, model, card: dict | None, output, settings: InferenceSet
         output=str(output), image_shape=source.shape, in_channels=in_channels, tiles=tiles,
         blocks=blocks,
         normalization=norm, maps=maps, mc_samples=settings.mc_samples,
-        batch_size=settings.batch_size or auto_batch_size(device, tiles.window),
-        skip_threshold=settings.skip_threshold, seed=settings.seed, tta=tta)
+        batch_size=settings.batch_size or auto_batch_size(device, model_tiles.window),
+        skip_threshold=settings.skip_threshold, seed=settings.seed, tta=tta, scale=scale)
     return PreparedRun(plan, store, source, resumed, warnings, settings.region, norm_info)
 
 
@@ -260,10 +270,10 @@ def _check_card(model, card: dict) -> str:
 
 
 def _run_key(architecture: str, card: dict, model, tiles: TileSettings, settings: InferenceSettings,
-             norm_info: dict, source: ImageSource, tta: int = 1) -> dict:
+             norm_info: dict, source: ImageSource, tta: int = 1, scale: float = 1.0) -> dict:
     """The settings a run must share with a stored output to resume it (JSON-friendly).
 
-    ``tta`` is recorded only when views are averaged, so outputs made before it existed resume.
+    ``tta`` and ``scale`` are recorded only when not 1, so outputs made before them resume.
     """
     key = {
         "model": architecture, "weights_sha256": card.get("sha256"),
@@ -275,6 +285,8 @@ def _run_key(architecture: str, card: dict, model, tiles: TileSettings, settings
     }
     if tta != 1:
         key["tta"] = tta
+    if scale != 1:
+        key["scale"] = scale
     return _plain(key)
 
 

@@ -21,6 +21,7 @@ from .devices import pick_device
 from .inference import InferenceSettings, RunResult, segment
 from .blockwise import block_regions, instances_blockwise
 from .instances import DecodeSettings
+from .resolution import decode_at_scale
 from .memory import trim_heap
 from .progress import JobGenerator
 from .rerun import snapshot_model_labels
@@ -148,8 +149,9 @@ def run_segmentation(source, model, card: dict, output=None, settings: Inference
         model, card: from :func:`load_model`.
         output: output ``.zarr`` (default next to the input).
         settings: engine settings.
-        decode: instance decoding settings (used when the model has the three-class head);
-            default: the thresholds tuned for these weights (card ``"decode"``), else the defaults.
+        decode: instance decoding settings (used when the model has the three-class head), in
+            image pixels; default: the thresholds tuned for these weights (card ``"decode"``, sizes
+            converted from the model's grid when tiles were resampled), else the defaults.
         halo: context in pixels for block-wise decoding.
     """
     settings = settings or InferenceSettings()
@@ -157,7 +159,7 @@ def run_segmentation(source, model, card: dict, output=None, settings: Inference
     store = OutputStore.open(maps.output)
     objects, labels_status = 0, "not run"
     if model.config.num_classes == 3:
-        decode = decode or decode_settings_for(card)
+        decode = decode or decode_at_scale(decode_settings_for(card), maps.scale)
         objects = yield from decode_store(store, decode, halo, settings.region)
         labels_status = store.status("labels")["status"]
     return SegmentationResult(maps, labels_status, objects, maps.output)

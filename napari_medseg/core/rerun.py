@@ -191,13 +191,13 @@ def _shared_maps(store: OutputStore, other: OutputStore) -> list[str]:
 
 # ----------------------------------------------------------------------------- jobs
 def _segment_region(source, weights, model_name: str, region, device: str, folder: Path,
-                    name: str, mc_samples: int = 0, tta: int = 1) -> JobGenerator[OutputStore]:
+                    name: str, mc_samples: int = 0, tta: int = 1, scale: float = 1.0) -> JobGenerator[OutputStore]:
     from .inference import InferenceSettings
     from .pipeline import load_model, run_segmentation
 
     model, card = load_model(model_name, weights, device)
     settings = InferenceSettings(device=device, region=region, mc_samples=mc_samples, overwrite=True,
-                                 prefetch=False, tta=tta)
+                                 prefetch=False, tta=tta, scale=scale)
     result = yield from run_segmentation(source, model, card, folder / f"{name}.zarr", settings)
     del model
     _release_memory()
@@ -220,7 +220,8 @@ def rerun_job(source, store_path, weights, model_name: str, region=None, reviewe
     try:
         fresh = yield from _segment_region(source, weights, model_name, region, device, folder, "rerun",
                                            mc_samples=int(run.get("mc_samples") or 0),
-                                           tta=int(run.get("tta") or 1))  # as the edited run
+                                           tta=int(run.get("tta") or 1),  # as the edited run
+                                           scale=float(run.get("scale") or 1.0))
         result = yield from merge_rerun(store, fresh.labels(), region, reviewed, new_maps=fresh)
         new_run = fresh.attrs.get("run") or {}
         reruns = list(store.attrs.get("reruns") or []) + [{

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .normalize import apply_range, to_model_channels
+from .resolution import model_size, resample
 from .test_time import predict_views
 from .tiling import Block, Tile, block_tiles, input_window
 
@@ -217,7 +218,12 @@ class TileRunner:
             torch.manual_seed(seed)
             x = torch.from_numpy(np.stack(arrays)).to(self.device)
             start = time.perf_counter()
+            scale, size = getattr(self.plan, "scale", 1.0), tuple(x.shape[-2:])
+            if scale != 1:   # the weights' pixel size: resample in, maps back (see .resolution)
+                x = resample(x, model_size(size, scale))
             outputs = predict_views(self.model, x, self.plan.mc_samples, self.plan.tta)
+            if scale != 1:
+                outputs = {k: resample(v.float(), size) for k, v in outputs.items()}
             self._synchronize()
             self.forward_seconds += time.perf_counter() - start
             return {k: v.float().cpu().numpy() for k, v in outputs.items()}
