@@ -75,7 +75,7 @@ def main() -> None:
                                              ("resized, scale=1", scan, small_truth, 1.0)):
                 labels, used = segment(path, model, card, folder / f"{name}-{len(rows)}.zarr", scale, args.tta)
                 rows.append((name, setting, used, instance_metrics(gt, labels)))
-    print(f"| image | setting | scale | Dice | AJI | F1 | PQ |\n|---|---|---|---|---|---|---|")
+    print("| image | setting | scale | Dice | AJI | F1 | PQ |\n|---|---|---|---|---|---|---|")
     for name, setting, used, m in rows:
         print(f"| {name} | {setting} | {used:.2f} | {m['dice']:.3f} | {m['aji']:.3f} | {m['f1']:.3f} | {m['pq']:.3f} |")
     for setting in dict.fromkeys(r[1] for r in rows):
