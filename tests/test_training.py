@@ -34,7 +34,7 @@ def _recipe(**kw):
 def test_train_writes_weights_with_a_complete_card(data, tmp_path):
     from src_models import load_weights
 
-    recipe = _recipe(model_overrides={"ce_weight": 0.5})
+    recipe = _recipe(model_overrides={"ce_weight": 0.5}, pixel_size_um=0.5)
     stages = []
     card = drain(train(recipe, data, tmp_path / "w", device="cpu"), lambda r: stages.append(r.stage))
     assert stages.count("train") == 4 and "tune decode" in stages and stages[-1] == "validate"
@@ -49,6 +49,7 @@ def test_train_writes_weights_with_a_complete_card(data, tmp_path):
                                    "seed_split_dip", "seed_smoothing"}
     assert set(card["metrics"]["validation"]["mean"]) >= {"f1", "aji", "dice", "pq", "ap"}
     assert card["metrics"]["decode_tuning"]["on"] == "validation split"
+    assert card["inference"] == {"pixel_size_um": 0.5}     # segmentation resamples to it
     assert not list(tmp_path.glob("w.ckpt*")) and not list(tmp_path.glob("w*.partial*"))
 
 

@@ -40,6 +40,8 @@ class Recipe:
     model_overrides: dict = field(default_factory=dict)  # model config fields, e.g. {"ce_weight": 0.5}
     modality_weights: dict = field(default_factory=lambda: {
         "fluorescence": 1.0, "histology_color": 2.5, "brightfield_gray": 4.0})
+    pixel_size_um: float | None = None  # µm per pixel of the training images, when one: the card's
+    #                                     inference.pixel_size_um, to which segmentation resamples
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -309,6 +309,7 @@ def train(recipe: Recipe, data_dir: str | Path, out: str | Path, device: str = "
             "after": tuning["after"], "objective": "mean F1@0.5 + mean AJI", "grid": tuning["grid"]}}
             if tuning else {}),
         **({"decode": decode} if decode else {}),
+        **({"inference": {"pixel_size_um": recipe.pixel_size_um}} if recipe.pixel_size_um else {}),
         "parent": None,     # fine-tuned lineage only (versions.py); a warm start is training.init
         "version": f"{recipe.model}-{recipe.preset}-{data_name}",
     }
