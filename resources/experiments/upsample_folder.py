@@ -14,7 +14,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import numpy as np
 import tifffile
 from skimage import io as skio
 from skimage.transform import resize
