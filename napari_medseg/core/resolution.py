@@ -19,20 +19,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .export_source import unit_info
 from .instances import DecodeSettings
 from .tiling import TileSettings
 
 SCALE_TOLERANCE = (0.8, 1.25)   # = the training augmentation's scale range (augment.AugmentSettings)
-MICROMETRES = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
-               "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "cm": 1e4, "meter": 1e6, "m": 1e6}
 
 
 def image_pixel_um(source) -> float | None:
     """Mean level-0 pixel edge of ``source`` (an ``ImageSource``) in µm, or None when unknown."""
-    factor = MICROMETRES.get(str(source.unit or "").strip().lower())
-    if not source.pixel_size or factor is None:
+    unit = unit_info(source.unit)
+    if not source.pixel_size or unit is None:
         return None
-    return factor * (float(source.pixel_size[0]) + float(source.pixel_size[1])) / 2
+    return unit[1] * 1e4 * (float(source.pixel_size[0]) + float(source.pixel_size[1])) / 2
 
 
 def weights_pixel_um(card: dict | None) -> float | None:
