@@ -114,6 +114,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--tta", type=int, choices=[1, 2, 4, 8], help=TTA_HELP + "; with --tune-decode "
                    "the card's new default")
+    p.add_argument("--scale", type=float, help="model pixels per image pixel: resample the images' tiles "
+                   "by this before the model (2: images scanned at half the weights' magnification)")
+    p.add_argument("--pixel-size", type=float, help="micrometres per pixel of the images: resample them to "
+                   "the weights' pixel size (card inference.pixel_size_um) as segment does")
     p.add_argument("--device", default="auto")
 
 

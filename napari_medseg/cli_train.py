@@ -117,6 +117,26 @@ def _tune_decode(args, model, card: dict, samples) -> dict:
     return result
 
 
+def _evaluation_scale(args, card: dict) -> float:
+    """Model pixels per image pixel from ``--scale`` or ``--pixel-size`` (1 when neither is given)."""
+    from .core.resolution import check_scale, scale_for_pixel_size, weights_pixel_um
+
+    if args.pixel_size is not None:
+        if not args.pixel_size > 0:
+            raise CLIError(f"--pixel-size must be positive micrometres per pixel, not {args.pixel_size}")
+        if weights_pixel_um(card) is None:
+            raise CLIError(f"the card of {card.get('weights_path') or args.weights} records no training pixel "
+                           "size (inference.pixel_size_um): give --scale instead of --pixel-size")
+        scale = scale_for_pixel_size(args.pixel_size, card)
+    else:
+        scale = 1.0 if args.scale is None else args.scale
+    try:
+        check_scale(scale)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    return scale
+
+
 def run_evaluate(args) -> None:
     """Score weights on labelled images: Dice, IoU, AJI, PQ, F1 and AP at IoU 0.5."""
     from .core.pipeline import load_model
@@ -127,13 +147,19 @@ def run_evaluate(args) -> None:
     if args.tune_decode and not (args.data and args.split == "val" and args.weights):
         raise CLIError("--tune-decode needs --weights FILE --data DIR --split val (thresholds are chosen "
                        "on the weights' validation images, never on a test set, and written into that card)")
+    if args.scale is not None and args.pixel_size is not None:
+        raise CLIError("give --scale or --pixel-size, not both")
     model_name = args.model or model_of_weights(args.weights)
     model, card = load_model(model_name, args.weights, args.device)
+    scale = _evaluation_scale(args, card)
+    if args.tune_decode and scale != 1:
+        raise CLIError("--tune-decode chooses thresholds at the weights' own pixel size: drop --scale / "
+                       "--pixel-size (decoding sizes are converted when other scans are segmented)")
     samples = _evaluation_samples(args, card)
     tuning = _tune_decode(args, model, card, samples) if args.tune_decode else None
     result = evaluate_samples(model, samples, card=dict(card, decode=tuning["settings"]) if tuning else card,
                               tta=tuning["tta"] if tuning else args.tta,
-                              probabilities=tuning and tuning["probabilities"])
+                              probabilities=tuning and tuning["probabilities"], scale=scale)
     if tuning:
         from .core.decode_tuning import write_decode_to_card
 
@@ -152,4 +178,5 @@ def run_evaluate(args) -> None:
     print(f"| **mean of {result['n_images']}** | " + " | ".join(f"{result['mean'][m]:.3f}" for m in metrics) + " |")
     for modality, scores in result["by_modality"].items():
         print(f"| {modality} ({scores['n_images']}) | " + " | ".join(f"{scores[m]:.3f}" for m in metrics) + " |")
-    print(f"test-time views averaged per tile: {result['tta']}")
+    print(f"test-time views averaged per tile: {result['tta']}"
+          + (f"; tiles resampled ×{result['scale']:.3g} before the model" if result["scale"] != 1 else ""))

@@ -53,15 +53,23 @@ def resolve_scale(requested: float | None, card: dict | None, source) -> tuple[f
         scale = float(requested)
         return scale, (None if scale == 1 else f"tiles resampled ×{scale:.3g} (scale given) before the model")
     image_um, weights_um = image_pixel_um(source), weights_pixel_um(card)
-    if image_um is None or weights_um is None:
+    scale = scale_for_pixel_size(image_um, card)
+    if scale == 1:
         return 1.0, None
+    return scale, (f"the image has {image_um:.3g} µm pixels and the weights were trained at "
+                   f"{weights_um:.3g} µm: tiles resampled ×{scale:.3g} before the model and back "
+                   "(pass scale=1 / --scale 1 to turn this off)")
+
+
+def scale_for_pixel_size(image_um: float | None, card: dict | None) -> float:
+    """Model pixels per image pixel for an image of ``image_um`` µm pixels: image / weights pixel
+    size, or 1 when either is unknown or their ratio lies inside :data:`SCALE_TOLERANCE`."""
+    weights_um = weights_pixel_um(card)
+    if not image_um or weights_um is None:
+        return 1.0
     ratio = image_um / weights_um
     low, high = SCALE_TOLERANCE
-    if low <= ratio <= high:
-        return 1.0, None
-    return ratio, (f"the image has {image_um:.3g} µm pixels and the weights were trained at "
-                   f"{weights_um:.3g} µm: tiles resampled ×{ratio:.3g} before the model and back "
-                   "(pass scale=1 / --scale 1 to turn this off)")
+    return 1.0 if low <= ratio <= high else ratio
 
 
 def check_scale(scale: float | None) -> None:
