@@ -47,10 +47,11 @@ class SegmentForm(QWidget):
         form.addRow("Weights", self.weights)
         self.device = QComboBox()
         form.addRow("Device", self.device)
-        self.tile = _spin(0, 8192, 32, "auto", "Tile edge in pixels. auto: the model's training size "
-                          "(blend mode) or 1024 (crop mode)")
-        self.overlap = _spin(-1, 2048, 8, "auto", "Overlap (blend) or halo (crop) in pixels. auto: "
-                             "a quarter tile, or the model's receptive field")
+        self.tile = _spin(0, 8192, 32, "auto", "Tile edge in the model's pixels (when Resample "
+                          "scales tiles by s, one covers tile / s image pixels). auto: the model's "
+                          "training size (blend mode) or 1024 (crop mode)")
+        self.overlap = _spin(-1, 2048, 8, "auto", "Overlap (blend) or halo (crop) in the model's "
+                             "pixels. auto: a quarter tile, or the model's receptive field")
         tiles = QHBoxLayout()
         tiles.addWidget(self.tile)
         tiles.addWidget(QLabel("overlap"))
