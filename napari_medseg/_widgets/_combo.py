@@ -20,3 +20,20 @@ def refill(combo: QComboBox, items: list[tuple[str, object]]) -> None:
 def refill_names(combo: QComboBox, names: list[str]) -> None:
     """:func:`refill` with layer names as both text and data."""
     refill(combo, [(name, name) for name in names])
+
+
+def compact(combo: QComboBox, chars: int = 22) -> QComboBox:
+    """Let ``combo`` shrink to about ``chars`` characters instead of its longest item (weights
+    names and layer names can be long and would widen the whole dock, narrowing the canvas);
+    its popup list still shows every item in full."""
+    combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    model = combo.model()
+    for signal in (model.rowsInserted, model.rowsRemoved, model.modelReset):
+        signal.connect(lambda *_: _fit_popup(combo))
+    return combo
+
+
+def _fit_popup(combo: QComboBox) -> None:
+    view = combo.view()
+    view.setMinimumWidth(view.sizeHintForColumn(0) + view.verticalScrollBar().sizeHint().width())

@@ -12,6 +12,7 @@ from napari.utils.notifications import show_warning
 from src_models import list_models, model_class, read_card
 
 from ..core.devices import available_devices
+from ._combo import compact
 from ..widget_state import SegmentState, default_tta, remember_weights, weights_choices
 
 MODEL_TITLES = {"vunet": "V-UNet", "reseg_unet": "ReSeg-UNet", "pranet_v2": "PraNet-V2",
@@ -31,8 +32,8 @@ class SegmentForm(QWidget):
         self.state = state
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
-        self.image = QComboBox(toolTip="Image layer to segment (2D; RGB and multichannel are fine; "
-                                       "for stacks, the plane shown is segmented)")
+        self.image = compact(QComboBox(toolTip="Image layer to segment (2D; RGB and multichannel are "
+                                               "fine; for stacks, the plane shown is segmented)"))
         form.addRow("Image", self.image)
         self.model = QComboBox(toolTip="Network to run; the line below says what it offers")
         for name in list_models():
@@ -41,9 +42,9 @@ class SegmentForm(QWidget):
         self.model_info = QLabel(wordWrap=True)
         self.model_info.setStyleSheet("color: gray")
         form.addRow("", self.model_info)
-        self.weights = QComboBox(toolTip="Weights for the model: bundled starter weights, weights "
-                                         "files you chose (fine-tuned versions too), or random "
-                                         "weights to try the pipeline")
+        self.weights = compact(QComboBox(toolTip="Weights for the model: bundled starter weights, "
+                                                 "weights files you chose (fine-tuned versions too), "
+                                                 "or random weights to try the pipeline"))
         form.addRow("Weights", self.weights)
         self.device = QComboBox()
         form.addRow("Device", self.device)

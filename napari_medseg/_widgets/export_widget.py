@@ -21,7 +21,7 @@ from ..core.export_source import open_label_source
 from ..export_job import (FORMAT_TITLES, ExportRequest, default_output, export_job, output_for,
                           source_from_layer)
 from ..segment_job import image_source_from_layer
-from ._combo import refill
+from ._combo import compact, refill
 from ._worker import start_job, update_progress_bar
 
 STORE = "__store__"          # labels combo item: an output store chosen on disk
@@ -62,7 +62,8 @@ class ExportWidget(QWidget):
     def _build(self) -> None:
         layout = QVBoxLayout(self)
         form = QFormLayout()
-        self.labels = QComboBox(toolTip="Labels layer to export, or an output store (.zarr) on disk")
+        self.labels = compact(QComboBox(toolTip="Labels layer to export, or an output store (.zarr) on "
+                                                "disk"))
         self.labels.currentIndexChanged.connect(self._on_source)
         form.addRow("Labels", self.labels)
         self.store = QLineEdit(placeholderText="napari-medseg output .zarr folder",
@@ -76,8 +77,8 @@ class ExportWidget(QWidget):
             self.format.addItem(title, key)
         self.format.currentIndexChanged.connect(self._on_format)
         form.addRow("Format", self.format)
-        self.image = QComboBox(toolTip="Image whose mean intensity per object goes into the CSV or "
-                                       "GeoJSON measurements (same size as the labels)")
+        self.image = compact(QComboBox(toolTip="Image whose mean intensity per object goes into the "
+                                               "CSV or GeoJSON measurements (same size as the labels)"))
         form.addRow("Intensity", self.image)
         self.output = QLineEdit(placeholderText="next to the store, else in your home folder",
                                 toolTip="File to write; its suffix follows the format")

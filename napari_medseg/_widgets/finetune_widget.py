@@ -30,7 +30,7 @@ from ..finetune_layers import (FinetuneError, RunContext, capped_view, reviewed_
                                run_context)
 from ..layer_data import invalidate_layers, medseg_info, refresh_layers, run_layers_of
 from ..segment_job import image_source_from_layer
-from ._combo import refill_names
+from ._combo import compact, refill_names
 from ._version_tree import VersionTree
 from ._worker import start_job, update_progress_bar
 
@@ -72,7 +72,7 @@ class FinetuneWidget(QWidget):
     def _build(self) -> None:
         layout = QVBoxLayout(self)
         form = QFormLayout()
-        self.labels_combo, self.shapes_combo = QComboBox(), QComboBox()
+        self.labels_combo, self.shapes_combo = compact(QComboBox()), compact(QComboBox())
         self.labels_combo.setToolTip("labels layer of a MedSeg run that you corrected")
         self.shapes_combo.setToolTip("optional Shapes layer: rectangles around regions you reviewed "
                                      "completely (they count as ground truth, background included)")
