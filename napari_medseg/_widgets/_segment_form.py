@@ -12,8 +12,8 @@ from napari.utils.notifications import show_warning
 from src_models import list_models, model_class, read_card
 
 from ..core.devices import available_devices
-from ._combo import compact
 from ..widget_state import SegmentState, default_tta, remember_weights, weights_choices
+from ._combo import compact
 
 MODEL_TITLES = {"vunet": "V-UNet", "reseg_unet": "ReSeg-UNet", "pranet_v2": "PraNet-V2",
                 "iau_net": "IAU-Net", "gca_resunet": "GCA-ResUNet"}
