@@ -108,6 +108,9 @@ class SegmentationModel(nn.Module):
         translation_equivariant: False when pooling over the whole tile (V-UNet latents, GCA strip
             pooling): such models must be tiled at their training size and blended.
         size_multiple: ``forward`` needs H and W divisible by this.
+        channels_last_on_cpu: ``predict`` hands CPU convolutions a channels-last (NHWC) copy of
+            the input, which oneDNN runs faster (same values to float precision); False where it
+            measured slower (GCA-ResUNet's row/column pooling). ``napari-medseg bench models``.
     """
 
     name: ClassVar[str] = ""
@@ -118,6 +121,7 @@ class SegmentationModel(nn.Module):
     aux_kinds: ClassVar[tuple[str, ...]] = ()
     translation_equivariant: ClassVar[bool] = True
     size_multiple: ClassVar[int] = 32
+    channels_last_on_cpu: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -183,6 +187,8 @@ class SegmentationModel(nn.Module):
         was_training = self.training
         self.eval()
         padded, (h, w) = self.pad_to_multiple(x)
+        if self.channels_last_on_cpu and padded.device.type == "cpu":
+            padded = padded.contiguous(memory_format=torch.channels_last)
         maps = self._predict_padded(padded, mc_samples)
         if was_training:
             self.train()

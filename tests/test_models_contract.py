@@ -48,6 +48,30 @@ def test_eval_forward_and_predict_maps(name, in_channels):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_channels_last_inference_gives_the_same_maps(name, monkeypatch):
+    """On CPU ``predict`` hands the network an NHWC copy of its input (faster oneDNN kernels) where
+    the model allows it; every map equals the NCHW result to float precision, in standard layout."""
+    cls = model_class(name)
+    torch.manual_seed(0)
+    model = create_model(name, "lite", in_channels=3, num_classes=3).eval()
+    seen = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = first_conv.register_forward_pre_hook(lambda _, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    x = torch.rand(2, 3, 64, 96)
+    maps = {}
+    for flag in (True, False):
+        monkeypatch.setattr(cls, "channels_last_on_cpu", flag)
+        torch.manual_seed(1)                                   # the same latent samples (V-UNet)
+        maps[flag] = model.predict(x, mc_samples=2)
+    hook.remove()
+    assert seen[0] is True and seen[-1] is False
+    for key, value in maps[True].items():
+        assert value.is_contiguous(), key
+        assert torch.allclose(value, maps[False][key], atol=1e-4), key
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_train_step_finite(name):
     torch.manual_seed(0)
     model = create_model(name, "lite").train()
